@@ -242,8 +242,8 @@ def _validate_node(path: bytes, n: Node) -> None:
             raise TreeError(f"{path!r}: inline content length differs from size")
         if n.digest is not None and len(n.digest) != DIGEST_SIZE:
             raise TreeError(f"{path!r}: digest must be {DIGEST_SIZE} bytes")
-    for k, v in n.xattrs.items():
-        if not 0 < len(k) <= XATTR_NAME_MAX:
-            raise TreeError(f"{path!r}: xattr name length {len(k)} out of range")
-        if len(v) > XATTR_VALUE_MAX:
-            raise TreeError(f"{path!r}: xattr {k!r} value too long ({len(v)})")
+    for key, value in n.xattrs.items():
+        if not 0 < len(key) <= XATTR_NAME_MAX:
+            raise TreeError(f"{path!r}: xattr name length {len(key)} out of range")
+        if len(value) > XATTR_VALUE_MAX:
+            raise TreeError(f"{path!r}: xattr {key!r} value too long ({len(value)})")
