@@ -1,0 +1,211 @@
+"""The repository's temp area: flock'd temp files and per-name lock files.
+
+Every temp file is created inside ``<repo>/.tmp`` (same filesystem as ``objects/``, so
+a rename publishes it atomically) and stays ``flock``'d by its writer until it is renamed
+or removed. A temp file nobody holds a lock on belongs to a dead writer: :meth:`TempArea.clean`
+removes exactly those, so it is safe to run while other processes are writing.
+
+Protocol (no race between a writer and a cleaner): the writer creates the file, locks it,
+then checks the file still has a link; the cleaner removes a file only while holding its
+lock. A writer that loses the race sees ``st_nlink == 0`` and starts over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+LOCKS_DIR = "locks"
+
+
+def pid_alive(pid: int) -> bool:
+    """True if a process with this pid exists (in our pid namespace)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class TempFile:
+    """A temp file open for writing (``fd``) and locked through a read-only descriptor.
+
+    The lock is held on a separate read-only descriptor so the writable one can be
+    closed before ``FS_IOC_ENABLE_VERITY`` (which refuses files open for writing).
+    """
+
+    __slots__ = ("fd", "lock_fd", "path")
+
+    def __init__(self, path: Path, fd: int, lock_fd: int) -> None:
+        self.path = path
+        self.fd = fd
+        self.lock_fd = lock_fd
+
+    def close_write(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def publish(self, final: Path, *, replace: bool = False) -> bool:
+        """Rename into ``final``. Without ``replace``, an existing ``final`` wins: the temp
+        file is discarded and False returned."""
+        self.close_write()
+        if not replace and os.path.lexists(final):
+            self.discard()
+            return False
+        final.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        os.rename(self.path, final)
+        self._release()
+        return True
+
+    def discard(self) -> None:
+        """Remove the temp file (idempotent)."""
+        self.close_write()
+        if self.lock_fd >= 0:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+        self._release()
+
+    def _release(self) -> None:
+        if self.lock_fd >= 0:
+            os.close(self.lock_fd)
+            self.lock_fd = -1
+
+    def __enter__(self) -> TempFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.discard()
+
+
+class TempArea:
+    """``<repo>/.tmp``: temp files, temp symlinks and lock files."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def ensure_dirs(self) -> None:
+        (self.path / LOCKS_DIR).mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def create(self, tag: str = "obj") -> TempFile:
+        """A new, empty, locked temp file (mode 0600 until the caller changes it)."""
+        self.ensure_dirs()
+        pid = os.getpid()
+        while True:
+            path = self.path / f"{pid}-{secrets.token_hex(8)}.{tag}.tmp"
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            except FileExistsError:
+                continue
+            try:
+                lock_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:  # a cleaner removed it already
+                os.close(fd)
+                continue
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # a cleaner holds it and is about to remove it
+                os.close(lock_fd)
+                os.close(fd)
+                continue
+            if os.fstat(lock_fd).st_nlink == 0:
+                os.close(lock_fd)
+                os.close(fd)
+                continue
+            return TempFile(path, fd, lock_fd)
+
+    def symlink_name(self) -> Path:
+        """A fresh name for a temp symlink (tagged with our pid for :meth:`clean`)."""
+        self.ensure_dirs()
+        return self.path / f"{os.getpid()}-{secrets.token_hex(8)}.lnk"
+
+    @contextlib.contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        """Exclusive cross-process lock named ``name`` (blocks until acquired).
+
+        The lock file is removed by its holder on release; a waiter that acquired the
+        lock on a file already removed (or replaced) tries again.
+        """
+        self.ensure_dirs()
+        path = self.path / LOCKS_DIR / f"{name}.lock"
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    st = os.stat(path)
+                except FileNotFoundError:
+                    st = None
+                if st is not None and st.st_ino == os.fstat(fd).st_ino:
+                    break
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            os.close(fd)
+
+    def clean(self) -> int:
+        """Remove temp files and lock files of dead writers; return how many were removed."""
+        removed = 0
+        for d in (self.path, self.path / LOCKS_DIR):
+            try:
+                entries = list(os.scandir(d))
+            except FileNotFoundError:
+                continue
+            for e in entries:
+                if e.is_dir(follow_symlinks=False):
+                    continue
+                if e.is_symlink():
+                    removed += self._clean_symlink(Path(e.path))
+                else:
+                    removed += self._clean_file(Path(e.path))
+        return removed
+
+    @staticmethod
+    def _clean_file(path: Path) -> int:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            return 0
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return 0  # a live writer holds it
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                return 0
+            if st.st_ino != os.fstat(fd).st_ino:
+                return 0
+            os.unlink(path)
+            return 1
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _clean_symlink(path: Path) -> int:
+        head = path.name.split("-", 1)[0]
+        if head.isdigit() and pid_alive(int(head)):
+            return 0
+        try:
+            os.unlink(path)
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                raise
+            return 0
+        return 1
