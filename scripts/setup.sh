@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   python3 python3-venv python3-dev gcc pkg-config   # venv and C extensions (pyfuse3, xxhash)
   fuse3 libfuse3-dev                                # FUSE data plane
-  nginx curl                                        # repositories served over HTTP in tests/bench
+  nginx curl openssl                                # repositories served over HTTP(S) in tests/bench
   erofs-utils kmod util-linux mount                 # fsck.erofs, modprobe, losetup, mount
 )
 

@@ -1,0 +1,542 @@
+"""Repository client: resolve references and fill a store with an image and its objects.
+
+One :class:`RepositoryClient` per configured repository, kept for the life of the process: it owns
+a pool of ``concurrency`` worker threads (each with its own connection per mirror) shared by all
+fetches from that repository, and a table of downloads in flight so that concurrent fetches
+needing the same object download it once (the store's single-flight covers other processes).
+
+Every attempt of every download goes through :meth:`RepositoryClient._attempts`: mirrors in
+order, permanent failures (404, 401/403, bad answers) drop that mirror for that object, transient
+ones (connection errors, timeouts, 5xx, 429, 408, digest mismatches) are retried with exponential
+backoff and jitter, honouring Retry-After.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from csi.image.errors import FormatError
+from csi.image.fsverity import digest_bytes
+from csi.store import DigestMismatch, ImageRejected, ObjectWriter, Store, StoreFull
+
+from . import metrics as m
+from .config import RepositoryConfig
+from .errors import (
+    Corrupt,
+    FetchError,
+    NoSpace,
+    SourceCorrupt,
+    SourceDenied,
+    SourceError,
+    SourceInvalid,
+    SourceNotFound,
+    SourceTimeout,
+    SourceTransient,
+)
+from .images import object_sizes
+from .progress import FetchProgress
+from .refs import parse_digest, parse_ref_target, validate_ref_name
+from .sources import Source, make_source
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_RANK: dict[type[SourceError], int] = {
+    SourceCorrupt: 6,
+    SourceInvalid: 5,
+    SourceDenied: 4,
+    SourceTimeout: 2,
+    SourceTransient: 2,
+    SourceNotFound: 1,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class FetchResult:
+    """What one :meth:`RepositoryClient.fetch_image` did."""
+
+    repository: str
+    ref: str
+    image: bytes
+    #: The image itself was downloaded by this fetch (False: it was already in the store).
+    image_fetched: bool
+    objects_total: int
+    #: Objects this fetch downloaded.
+    objects_fetched: int
+    #: Objects already present, or downloaded meanwhile by a concurrent fetch (dedup hits).
+    objects_present: int
+    #: Bytes received by this fetch (image and objects, failed attempts included).
+    bytes_downloaded: int
+    duration: float
+
+    @property
+    def image_hex(self) -> str:
+        return self.image.hex()
+
+
+class Cancelled(FetchError):
+    """A shared download was abandoned because every fetch that wanted it had failed."""
+
+    code = "ABORTED"
+
+
+class _Task:
+    """One object download shared by the fetches that want it."""
+
+    __slots__ = ("future", "interest", "progress", "size")
+
+    def __init__(self, size: int | None, progress: FetchProgress) -> None:
+        self.future: Future[int] = Future()
+        self.interest = 1
+        self.size = size
+        self.progress = progress
+
+
+def _reason(e: SourceError) -> str:
+    if isinstance(e, SourceCorrupt):
+        return "corrupt"
+    if isinstance(e, SourceTimeout):
+        return "timeout"
+    msg = str(e)
+    if msg.startswith("HTTP 429"):
+        return "http_429"
+    if msg.startswith("HTTP 408"):
+        return "http_408"
+    if msg.startswith("HTTP 5"):
+        return "http_5xx"
+    return "connection"
+
+
+class RepositoryClient:
+    """Talks to one configured repository (all its mirrors)."""
+
+    def __init__(
+        self,
+        config: RepositoryConfig,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.sources: list[Source] = [make_source(u, config) for u in config.urls]
+        self._sleep = sleep
+        self._rng = rng
+        self._pool = ThreadPoolExecutor(config.concurrency, thread_name_prefix=f"fetch-{self.name}")
+        self._mu = threading.Lock()
+        self._inflight: dict[tuple[int, bytes], _Task] = {}
+        self._closed = False
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        for s in self.sources:
+            s.close()
+
+    def __enter__(self) -> RepositoryClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"RepositoryClient({self.config!r})"
+
+    # -- retry loop ------------------------------------------------------------------------
+
+    def _backoff(self, attempt: int, hint: float | None) -> float:
+        p = self.config.retries
+        if hint is not None:
+            return min(hint, p.max_retry_after)
+        delay = min(p.max_backoff, p.base_backoff * (2**attempt))
+        return float(delay - delay * p.jitter * self._rng())
+
+    def _attempts(self, subject: str, attempt: Callable[[Source], T]) -> T:
+        """Run ``attempt`` against mirrors with retries until one succeeds (see module doc)."""
+        policy = self.config.retries
+        dropped: set[int] = set()
+        last: dict[int, SourceError] = {}
+        prev_reason: str | None = None
+        for round_no in range(policy.max_attempts):
+            hint: float | None = None
+            for i, src in enumerate(self.sources):
+                if i in dropped:
+                    continue
+                if prev_reason is not None:
+                    m.RETRIES.labels(self.name, prev_reason).inc()
+                try:
+                    return attempt(src)
+                except SourceError as e:
+                    last[i] = e
+                    if not e.transient:
+                        dropped.add(i)
+                        prev_reason = None
+                        log.warning("repository %r: %s: %s: %s", self.name, subject, src.label, e)
+                        continue
+                    prev_reason = _reason(e)
+                    if e.retry_after is not None:
+                        hint = max(hint or 0.0, e.retry_after)
+                    log.warning(
+                        "repository %r: %s: %s: %s (attempt %d of %d)",
+                        self.name,
+                        subject,
+                        src.label,
+                        e,
+                        round_no + 1,
+                        policy.max_attempts,
+                    )
+            if len(dropped) == len(self.sources) or round_no + 1 == policy.max_attempts:
+                break
+            self._sleep(self._backoff(round_no, hint))
+        raise self._public_error(subject, last)
+
+    def _public_error(self, subject: str, last: dict[int, SourceError]) -> FetchError:
+        worst = max(last.values(), key=lambda e: _RANK.get(type(e), 3))
+        if len(self.sources) == 1:
+            detail = f"{self.sources[0].label}: {worst}"
+        else:
+            detail = "; ".join(f"{self.sources[i].label}: {e}" for i, e in sorted(last.items()))
+        return worst.public(detail, repository=self.name, subject=subject)
+
+    # -- downloading into the store ----------------------------------------------------------
+
+    def _download(
+        self,
+        store: Store,
+        digest: bytes,
+        *,
+        kind: Any,
+        subject: str,
+        relpath: str,
+        size: int | None,
+        progress: FetchProgress | None,
+        follow_image_link: bool = False,
+    ) -> tuple[bool, int]:
+        """Fetch one object or image into ``store``. Returns (stored by us, bytes received)."""
+        received = 0
+        max_size = (
+            size if size is not None else (self.config.max_image_size if kind == "image" else None)
+        )
+
+        def attempt(src: Source) -> bool:
+            nonlocal received
+            got = 0
+
+            def fill(w: ObjectWriter) -> None:
+                nonlocal got
+                got = 0
+
+                def on_data(chunk: bytes) -> None:
+                    nonlocal got
+                    w.write(chunk)
+                    got += len(chunk)
+                    if progress is not None:
+                        progress.downloaded(len(chunk))
+
+                resp = src.get(
+                    relpath, on_data, accept_symlink=follow_image_link, max_size=max_size
+                )
+                if resp.symlink_target is not None:
+                    h = digest.hex()
+                    if resp.symlink_target.strip() != f"../objects/{h[:2]}/{h[2:]}":
+                        raise SourceInvalid(
+                            f"images/{h} is a link to {resp.symlink_target[:100]!r}, "
+                            "not to its object"
+                        )
+                    src.get(f"objects/{h[:2]}/{h[2:]}", on_data, max_size=max_size)
+
+            try:
+                stored = store.ensure(digest, fill, kind=kind, size_hint=size)
+            except DigestMismatch as e:
+                received += got
+                m.BYTES.labels(self.name, "corrupt").inc(got)
+                m.DIGEST_MISMATCHES.labels(self.name).inc()
+                raise SourceCorrupt(
+                    f"digest mismatch: received {got} bytes hashing to {e.actual.hex()}"
+                ) from None
+            except SourceError:
+                received += got
+                m.BYTES.labels(self.name, "error").inc(got)
+                raise
+            except ImageRejected as e:
+                received += got
+                m.BYTES.labels(self.name, "corrupt").inc(got)
+                raise Corrupt(str(e), repository=self.name, subject=subject) from None
+            except StoreFull as e:
+                raise NoSpace(str(e), repository=self.name, subject=subject) from None
+            received += got
+            m.BYTES.labels(self.name, "ok").inc(got)
+            return stored
+
+        try:
+            stored = self._attempts(subject, attempt)
+        except FetchError as e:
+            m.OBJECTS.labels(self.name, _result_label(e)).inc()
+            raise
+        if stored:
+            m.OBJECTS.labels(self.name, "ok").inc()
+        return stored, received
+
+    def _object_task(self, store: Store, digest: bytes, task: _Task) -> int:
+        h = digest.hex()
+        with self._mu:
+            if task.interest == 0:
+                del self._inflight[(id(store), digest)]
+                raise Cancelled(
+                    "every fetch that wanted it failed", repository=self.name, subject=f"object {h}"
+                )
+        try:
+            _, got = self._download(
+                store,
+                digest,
+                kind="object",
+                subject=f"object {h}",
+                relpath=f"objects/{h[:2]}/{h[2:]}",
+                size=task.size,
+                progress=task.progress,
+            )
+            return got
+        finally:
+            with self._mu:
+                self._inflight.pop((id(store), digest), None)
+
+    def _submit(
+        self, store: Store, digest: bytes, size: int | None, progress: FetchProgress
+    ) -> tuple[_Task, bool]:
+        """The shared task downloading ``digest`` (created if needed). (task, created)."""
+        key = (id(store), digest)
+        with self._mu:
+            task = self._inflight.get(key)
+            if task is not None:
+                task.interest += 1
+                return task, False
+            task = self._inflight[key] = _Task(size, progress)
+        fut = self._pool.submit(self._object_task, store, digest, task)
+        fut.add_done_callback(lambda f: _chain(f, task.future))
+        return task, True
+
+    # -- public API --------------------------------------------------------------------------
+
+    def resolve(self, ref: str) -> bytes:
+        """The image digest ``ref`` designates (a digest reference needs no request)."""
+        return self._resolve(ref, None)[0]
+
+    def _resolve(self, ref: str, progress: FetchProgress | None) -> tuple[bytes, bytes | None]:
+        d = parse_digest(ref)
+        if d is not None:
+            return d, None
+        try:
+            validate_ref_name(ref)
+        except FetchError as e:
+            e.repository = self.name
+            raise
+        relpath = f"images/refs/{ref}"
+
+        def attempt(src: Source) -> tuple[bytes, bytes | None]:
+            buf = bytearray()
+
+            def on_data(chunk: bytes) -> None:
+                buf.extend(chunk)
+                if progress is not None:
+                    progress.downloaded(len(chunk))
+
+            resp = src.get(
+                relpath, on_data, accept_symlink=True, max_size=self.config.max_image_size
+            )
+            if resp.symlink_target is not None:
+                try:
+                    return parse_ref_target(ref, resp.symlink_target), None
+                except ValueError as e:
+                    raise SourceInvalid(str(e)) from None
+            body = bytes(buf)
+            try:
+                from csi.image.reader import Image
+
+                Image(body).validate()
+            except FormatError as e:
+                raise SourceInvalid(
+                    f"answered {len(body)} bytes that are neither a symlink target nor a "
+                    f"composefs image ({e})"
+                ) from None
+            return digest_bytes(body), body
+
+        return self._attempts(f"ref {ref!r}", attempt)
+
+    def fetch_image(
+        self, ref: str, store: Store, progress: FetchProgress | None = None
+    ) -> FetchResult:
+        """Resolve ``ref``, fetch the image if missing, then its missing objects; record the ref.
+
+        On return every object of the image is in the store (verified). Raises a
+        :class:`~csi.fetch.errors.FetchError`; whatever was stored before a failure is
+        verified and stays (a later fetch does not download it again).
+        """
+        prog = progress if progress is not None else FetchProgress()
+        t0 = time.monotonic()
+        result = "ok"
+        try:
+            res = self._fetch_image(ref, store, prog)
+        except FetchError as e:
+            result = e.code.lower()
+            prog.set_phase("failed")
+            raise
+        except BaseException:
+            result = "internal"
+            prog.set_phase("failed")
+            raise
+        finally:
+            m.DURATION.labels(self.name, result).observe(time.monotonic() - t0)
+        prog.set_phase("done")
+        return res
+
+    def _fetch_image(self, ref: str, store: Store, prog: FetchProgress) -> FetchResult:
+        t0 = time.monotonic()
+        digest, body = self._resolve(ref, prog)
+        received = len(body) if body is not None else 0
+        h = digest.hex()
+        with store.pin([digest]):
+            image_fetched = False
+            if not store.has_image(digest):
+                prog.set_phase("image")
+                if body is not None:
+                    try:
+                        store.add_image_bytes(body)
+                    except ImageRejected as e:
+                        raise Corrupt(str(e), repository=self.name, subject=f"image {h}") from None
+                    except StoreFull as e:
+                        raise NoSpace(str(e), repository=self.name, subject=f"image {h}") from None
+                    image_fetched = True
+                else:
+                    image_fetched, got = self._download(
+                        store,
+                        digest,
+                        kind="image",
+                        subject=f"image {h}",
+                        relpath=f"images/{h}",
+                        size=None,
+                        progress=prog,
+                        follow_image_link=True,
+                    )
+                    received += got
+            objects = store.image_objects(digest)
+            missing = {d for d in objects if not store.has_object(d)}
+            sizes: dict[bytes, int] = object_sizes(store.image_path(digest)) if missing else {}
+            total_size = sum(sizes.get(d, 0) for d in objects) if sizes else None
+            prog.set_totals(len(objects), total_size)
+            prog.set_phase("objects")
+            present = len(objects) - len(missing)
+            for d in objects - missing:
+                prog.object_done(sizes.get(d, 0), fetched=False)
+            fetched, shared, got = self._fetch_objects(store, missing, sizes, prog)
+            received += got
+            present += shared
+            if present:
+                m.DEDUP_HITS.labels(self.name).inc(present)
+            if parse_digest(ref) is None:
+                store.set_ref(self.name, ref, digest)
+        return FetchResult(
+            repository=self.name,
+            ref=ref,
+            image=digest,
+            image_fetched=image_fetched,
+            objects_total=len(objects),
+            objects_fetched=fetched,
+            objects_present=present,
+            bytes_downloaded=received,
+            duration=time.monotonic() - t0,
+        )
+
+    def fetch_objects(
+        self, store: Store, digests: Iterable[bytes], progress: FetchProgress | None = None
+    ) -> int:
+        """Make ``digests`` present in ``store`` (e.g. for lazy reads). Returns bytes received."""
+        prog = progress if progress is not None else FetchProgress()
+        wanted = {d for d in digests if not store.has_object(d)}
+        return self._fetch_objects(store, wanted, {}, prog)[2]
+
+    def _fetch_objects(
+        self, store: Store, missing: set[bytes], sizes: dict[bytes, int], prog: FetchProgress
+    ) -> tuple[int, int, int]:
+        """Download ``missing`` through shared tasks. (fetched by us, by others, bytes)."""
+        if not missing:
+            return 0, 0, 0
+        if self._closed:
+            raise FetchError("client is closed", repository=self.name)
+        mine: dict[Future[int], tuple[bytes, _Task, bool]] = {}
+        for d in sorted(missing):
+            task, created = self._submit(store, d, sizes.get(d), prog)
+            mine[task.future] = (d, task, created)
+        fetched = shared = received = 0
+        pending = set(mine)
+        error: BaseException | None = None
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            for f in done:
+                d, task, created = mine[f]
+                exc = f.exception()
+                if exc is not None:
+                    error = error or exc
+                    continue
+                if created:
+                    fetched += 1
+                    received += f.result()
+                else:
+                    shared += 1
+                prog.object_done(sizes.get(d, 0), fetched=created)
+            if error is not None:
+                break
+        if error is not None:
+            with self._mu:
+                for f in pending:
+                    mine[f][1].interest -= 1
+            raise error
+        return fetched, shared, received
+
+
+def _chain(src: Future[int], dst: Future[int]) -> None:
+    exc = src.exception()
+    if exc is not None:
+        dst.set_exception(exc)
+    else:
+        dst.set_result(src.result())
+
+
+def _result_label(e: FetchError) -> str:
+    return {
+        "NOT_FOUND": "not_found",
+        "DATA_LOSS": "corrupt",
+    }.get(e.code, "error")
+
+
+# -- plain functions ------------------------------------------------------------------------
+
+
+def resolve(repo: RepositoryConfig | RepositoryClient, ref: str) -> bytes:
+    """Image digest of ``ref`` in ``repo`` (a config gets a short-lived client)."""
+    if isinstance(repo, RepositoryClient):
+        return repo.resolve(ref)
+    with RepositoryClient(repo) as client:
+        return client.resolve(ref)
+
+
+def fetch_image(
+    repo: RepositoryConfig | RepositoryClient,
+    ref: str,
+    store: Store,
+    progress: FetchProgress | None = None,
+) -> FetchResult:
+    """Fetch image ``ref`` and its missing objects from ``repo`` into ``store``."""
+    if isinstance(repo, RepositoryClient):
+        return repo.fetch_image(ref, store, progress)
+    with RepositoryClient(repo) as client:
+        return client.fetch_image(ref, store, progress)

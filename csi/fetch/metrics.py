@@ -1,0 +1,61 @@
+"""Prometheus metrics of repository fetching (registered in :data:`csi.metrics.REGISTRY`).
+
+Labels carry the repository's configured *name* only: never a URL, a host or a credential.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+from csi.metrics import REGISTRY
+
+_P = "composefs_csi_fetch_"
+
+BYTES = Counter(
+    _P + "bytes",
+    "Bytes received from repositories, by outcome of the transfer (ok, corrupt, error)",
+    ["repository", "result"],
+    registry=REGISTRY,
+)
+OBJECTS = Counter(
+    _P + "objects",
+    "Objects and images downloaded, by result (ok, not_found, corrupt, error)",
+    ["repository", "result"],
+    registry=REGISTRY,
+)
+DEDUP_HITS = Counter(
+    _P + "dedup_hits",
+    "Objects an image needed that were already in the store or being fetched by another fetch",
+    ["repository"],
+    registry=REGISTRY,
+)
+DIGEST_MISMATCHES = Counter(
+    _P + "digest_mismatches",
+    "Downloads rejected because the bytes did not match their digest",
+    ["repository"],
+    registry=REGISTRY,
+)
+RETRIES = Counter(
+    _P + "retries",
+    "Attempts repeated after a transient failure, by reason "
+    "(connection, timeout, http_5xx, http_429, http_408, corrupt)",
+    ["repository", "reason"],
+    registry=REGISTRY,
+)
+DURATION = Histogram(
+    _P + "duration_seconds",
+    "Time to fetch an image and its missing objects, by result (ok or the error code)",
+    ["repository", "result"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800),
+    registry=REGISTRY,
+)
+
+#: Every metric name this module exports (as scraped: counters get a ``_total`` suffix).
+NAMES = (
+    _P + "bytes_total",
+    _P + "objects_total",
+    _P + "dedup_hits_total",
+    _P + "digest_mismatches_total",
+    _P + "retries_total",
+    _P + "duration_seconds",
+)
