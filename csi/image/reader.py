@@ -21,12 +21,13 @@ same image.
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import re
 import stat
 import struct
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import TracebackType
@@ -121,6 +122,8 @@ _METACOPY_LEN: Final = 4 + DIGEST_SIZE
 _FS_VERITY_SHA256: Final = 1
 
 _DEFAULT_CACHE: Final = 4096
+_DIR_CACHE: Final = 256
+_BLOCK_CACHE: Final = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,9 +225,12 @@ class Image:
         self._size = len(buf)
         self._mmap: mmap.mmap | None = None
         self._cache_size = max(16, cache_size)
-        self._inodes: dict[int, _Ino] = {}
-        self._xattr_cache: dict[int, list[tuple[bytes, bytes]]] = {}
-        self._dir_index: dict[int, list[int]] = {}
+        # Per-image caches (the FUSE data plane asks for the same inodes over and over).
+        self._inode = functools.lru_cache(maxsize=self._cache_size)(self._load_inode)
+        self._xattr_cache: OrderedDict[int, list[tuple[bytes, bytes]]] = OrderedDict()
+        self._dir_index: OrderedDict[int, list[int]] = OrderedDict()
+        self._blocks: OrderedDict[tuple[int, int], list[tuple[bytes, int, int]]] = OrderedDict()
+        self._block_maps: OrderedDict[tuple[int, int], dict[bytes, int]] = OrderedDict()
         self._parse_super()
 
     # -- opening and closing ----------------------------------------------------------------
@@ -247,9 +253,11 @@ class Image:
         return img
 
     def close(self) -> None:
-        self._inodes.clear()
+        self._inode.cache_clear()
         self._xattr_cache.clear()
         self._dir_index.clear()
+        self._blocks.clear()
+        self._block_maps.clear()
         if self._mmap is not None:
             self._mmap.close()
             self._mmap = None
@@ -328,16 +336,6 @@ class Image:
             raise FormatError(f"root nid {root_nid} is not a directory (mode {root.attr.mode:o})")
 
     # -- inodes ------------------------------------------------------------------------------
-
-    def _inode(self, nid: int) -> _Ino:
-        ino = self._inodes.get(nid)
-        if ino is None:
-            ino = self._load_inode(nid)
-            cache = self._inodes
-            if len(cache) >= self._cache_size:
-                del cache[next(iter(cache))]
-            cache[nid] = ino
-        return ino
 
     def _load_inode(self, nid: int) -> _Ino:
         buf = self._buf
@@ -508,15 +506,16 @@ class Image:
 
         The returned list is shared with a cache: do not modify it.
         """
-        cached = self._xattr_cache.get(nid)
+        cache = self._xattr_cache
+        cached = cache.get(nid)
         if cached is not None:
+            cache.move_to_end(nid)
             return cached
         ino = self._inode(nid)
         result = self._parse_xattrs(nid, ino) if ino.xattr_size else []
-        cache = self._xattr_cache
-        if len(cache) >= self._cache_size // 4:
-            del cache[next(iter(cache))]
         cache[nid] = result
+        if len(cache) > self._cache_size // 4:
+            cache.popitem(last=False)
         return result
 
     def _parse_xattrs(self, nid: int, ino: _Ino) -> list[tuple[bytes, bytes]]:
@@ -668,7 +667,7 @@ class Image:
     def _iter_raw(self, nid: int, first_block: int = 0) -> Iterator[tuple[bytes, int, int]]:
         prev: bytes | None = None
         for start, blen in self._dir_blocks(self._dir(nid))[first_block:]:
-            for entry in self._parse_block(nid, start, blen):
+            for entry in self._block_entries(nid, start, blen):
                 name = entry[0]
                 if prev is not None and name <= prev:
                     raise FormatError(
@@ -691,20 +690,22 @@ class Image:
 
     def _presented_index(self, nid: int) -> list[int]:
         """Number of presented entries before each dirent block (cached per directory)."""
-        idx = self._dir_index.get(nid)
+        cache = self._dir_index
+        idx = cache.get(nid)
         if idx is None:
             idx = []
             count = 0
             for start, blen in self._dir_blocks(self._dir(nid)):
                 idx.append(count)
-                for name, child, ft in self._parse_block(nid, start, blen):
+                for name, child, ft in self._block_entries(nid, start, blen):
                     if not self._hidden(name, child, ft):
                         count += 1
             idx.append(count)
-            cache = self._dir_index
-            if len(cache) >= 256:
-                del cache[next(iter(cache))]
             cache[nid] = idx
+            if len(cache) > _DIR_CACHE:
+                cache.popitem(last=False)
+        else:
+            cache.move_to_end(nid)
         return idx
 
     def readdir_plus(self, dir_nid: int, offset: int = 0) -> Iterator[tuple[bytes, int, int, int]]:
@@ -763,18 +764,35 @@ class Image:
             else:
                 hi = mid - 1
         start, blen = blocks[lo]
-        count = self._block_count(dir_nid, start, blen)
-        a, b = 0, count - 1
-        while a <= b:
-            mid = (a + b) // 2
-            got = self._block_name(dir_nid, start, blen, count, mid)
-            if got == name:
-                return int(_U64.unpack_from(self._buf, start + _DIRENT_SIZE * mid)[0])
-            if got < name:
-                a = mid + 1
-            else:
-                b = mid - 1
-        return None
+        return self._block_map(dir_nid, start, blen).get(name)
+
+    def _block_entries(self, nid: int, start: int, blen: int) -> list[tuple[bytes, int, int]]:
+        """The parsed entries of one dirent block, kept in a small LRU."""
+        key = (start, blen)
+        cache = self._blocks
+        entries = cache.get(key)
+        if entries is None:
+            entries = self._parse_block(nid, start, blen)
+            cache[key] = entries
+            if len(cache) > _BLOCK_CACHE:
+                cache.popitem(last=False)
+        else:
+            cache.move_to_end(key)
+        return entries
+
+    def _block_map(self, nid: int, start: int, blen: int) -> dict[bytes, int]:
+        """``name -> nid`` of one dirent block, kept in a small LRU."""
+        key = (start, blen)
+        cache = self._block_maps
+        m = cache.get(key)
+        if m is None:
+            m = {name: child for name, child, _ in self._block_entries(nid, start, blen)}
+            cache[key] = m
+            if len(cache) > _BLOCK_CACHE:
+                cache.popitem(last=False)
+        else:
+            cache.move_to_end(key)
+        return m
 
     def lookup(self, dir_nid: int, name: bytes) -> int | None:
         """The nid of a presented entry, or None (``.``, ``..`` and whiteouts are not found)."""
