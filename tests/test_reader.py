@@ -403,6 +403,35 @@ def test_hardlink_primary_follows_i_ino() -> None:
     assert len(primaries) == 1
 
 
+def test_hardlink_primary_fallback_when_i_ino_does_not_fit() -> None:
+    """Images not numbered breadth-first (e.g. composefs-rs v2): the first name met wins."""
+    tree = wt.tree_hardlinks()
+    data = bytearray(write(tree))
+    img = Image(bytes(data))
+    for nid in img.inodes():  # i_ino is at offset 20 in both inode formats
+        struct.pack_into("<I", data, nid * 32 + 20, 7 if nid != ROOT_NID else 0)
+    scrambled = Image(bytes(data))
+    scrambled.validate()
+    back = scrambled.to_tree()
+    back.validate()
+    assert canon(back) == canon(tree)
+    # first met breadth-first: /link2 (root level) is the primary of the shared inline file
+    assert back.root.entries is not None
+    assert isinstance(back.root.entries[b"link2"], Node)
+
+
+def test_version_field() -> None:
+    data = bytearray(write(wt.tree_basic()))
+    for v in (0, 1, 2):
+        struct.pack_into("<I", data, 12, v)
+        img = Image(bytes(data))
+        assert img.version == v
+        img.validate()
+    struct.pack_into("<I", data, 12, 2)
+    back = Image(bytes(data)).to_tree()  # v2 images have no stubs: chr 0/0 entries are kept
+    assert back.root.entries is not None and b"00" in back.root.entries
+
+
 def test_deep_tree_and_wide_names() -> None:
     root = wt.d()
     cur = root

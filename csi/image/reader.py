@@ -21,6 +21,7 @@ same image.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import mmap
 import os
@@ -509,7 +510,8 @@ class Image:
         cache = self._xattr_cache
         cached = cache.get(nid)
         if cached is not None:
-            cache.move_to_end(nid)
+            with contextlib.suppress(KeyError):  # evicted by another thread
+                cache.move_to_end(nid)
             return cached
         ino = self._inode(nid)
         result = self._parse_xattrs(nid, ino) if ino.xattr_size else []
@@ -705,7 +707,8 @@ class Image:
             if len(cache) > _DIR_CACHE:
                 cache.popitem(last=False)
         else:
-            cache.move_to_end(nid)
+            with contextlib.suppress(KeyError):  # evicted by another thread
+                cache.move_to_end(nid)
         return idx
 
     def readdir_plus(self, dir_nid: int, offset: int = 0) -> Iterator[tuple[bytes, int, int, int]]:
@@ -777,7 +780,8 @@ class Image:
             if len(cache) > _BLOCK_CACHE:
                 cache.popitem(last=False)
         else:
-            cache.move_to_end(key)
+            with contextlib.suppress(KeyError):  # evicted by another thread
+                cache.move_to_end(key)
         return entries
 
     def _block_map(self, nid: int, start: int, blen: int) -> dict[bytes, int]:
@@ -791,7 +795,8 @@ class Image:
             if len(cache) > _BLOCK_CACHE:
                 cache.popitem(last=False)
         else:
-            cache.move_to_end(key)
+            with contextlib.suppress(KeyError):  # evicted by another thread
+                cache.move_to_end(key)
         return m
 
     def lookup(self, dir_nid: int, name: bytes) -> int | None:
