@@ -204,7 +204,7 @@ class Fault:
     and ``after`` bytes of the body, then close), ``stall`` (send the headers and ``after`` bytes,
     then wait ``seconds`` and close), ``flip`` (flip one byte of the body), ``reset`` (close
     without answering). ``match``: substring of the path. ``times``: how many matching requests
-    get the fault (``-1``: all).
+    get the fault (``-1``: all), counted per distinct path when ``per_path``.
     """
 
     kind: str
@@ -214,7 +214,8 @@ class Fault:
     retry_after: str | None = None
     after: int = 0
     seconds: float = 5.0
-    hits: int = 0
+    per_path: bool = False
+    hits: Counter[str] = field(default_factory=Counter)
 
 
 @dataclass
@@ -245,8 +246,9 @@ class FaultProxy:
         with self._lock:
             self.requests[path] += 1
             for f in self.faults:
-                if f.match in path and (f.times < 0 or f.hits < f.times):
-                    f.hits += 1
+                key = path if f.per_path else ""
+                if f.match in path and (f.times < 0 or f.hits[key] < f.times):
+                    f.hits[key] += 1
                     return f
         return None
 
@@ -310,7 +312,9 @@ class FaultProxy:
         server.daemon_threads = True
         self._server = server
         self.port = int(server.server_address[1])
-        threading.Thread(target=server.serve_forever, name="fault-proxy", daemon=True).start()
+        threading.Thread(
+            target=server.serve_forever, args=(0.05,), name="fault-proxy", daemon=True
+        ).start()
         return self
 
     def stop(self) -> None:

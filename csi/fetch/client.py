@@ -94,7 +94,7 @@ class _Task:
     __slots__ = ("future", "interest", "progress", "size")
 
     def __init__(self, size: int | None, progress: FetchProgress) -> None:
-        self.future: Future[int] = Future()
+        self.future: Future[tuple[bool, int]] = Future()
         self.interest = 1
         self.size = size
         self.progress = progress
@@ -287,7 +287,7 @@ class RepositoryClient:
             m.OBJECTS.labels(self.name, "ok").inc()
         return stored, received
 
-    def _object_task(self, store: Store, digest: bytes, task: _Task) -> int:
+    def _object_task(self, store: Store, digest: bytes, task: _Task) -> tuple[bool, int]:
         h = digest.hex()
         with self._mu:
             if task.interest == 0:
@@ -296,7 +296,7 @@ class RepositoryClient:
                     "every fetch that wanted it failed", repository=self.name, subject=f"object {h}"
                 )
         try:
-            _, got = self._download(
+            return self._download(
                 store,
                 digest,
                 kind="object",
@@ -305,7 +305,6 @@ class RepositoryClient:
                 size=task.size,
                 progress=task.progress,
             )
-            return got
         finally:
             with self._mu:
                 self._inflight.pop((id(store), digest), None)
@@ -472,7 +471,7 @@ class RepositoryClient:
             return 0, 0, 0
         if self._closed:
             raise FetchError("client is closed", repository=self.name)
-        mine: dict[Future[int], tuple[bytes, _Task, bool]] = {}
+        mine: dict[Future[tuple[bool, int]], tuple[bytes, _Task, bool]] = {}
         for d in sorted(missing):
             task, created = self._submit(store, d, sizes.get(d), prog)
             mine[task.future] = (d, task, created)
@@ -487,12 +486,15 @@ class RepositoryClient:
                 if exc is not None:
                     error = error or exc
                     continue
-                if created:
+                stored, got = f.result()
+                mine_now = created and stored
+                if mine_now:
                     fetched += 1
-                    received += f.result()
                 else:
                     shared += 1
-                prog.object_done(sizes.get(d, 0), fetched=created)
+                if created:
+                    received += got
+                prog.object_done(sizes.get(d, 0), fetched=mine_now)
             if error is not None:
                 break
         if error is not None:
@@ -503,7 +505,10 @@ class RepositoryClient:
         return fetched, shared, received
 
 
-def _chain(src: Future[int], dst: Future[int]) -> None:
+def _chain(src: Future[tuple[bool, int]], dst: Future[tuple[bool, int]]) -> None:
+    if src.cancelled():
+        dst.set_exception(Cancelled("the client was closed"))
+        return
     exc = src.exception()
     if exc is not None:
         dst.set_exception(exc)

@@ -5,15 +5,15 @@ fetched 4 KiB objects 2-6x faster than urllib3 with the same thread count, and l
 fast or faster. Each worker thread keeps one handle per mirror, so connections are reused across
 objects and across fetches.
 
-Timeouts map onto libcurl: ``connect`` -> CONNECTTIMEOUT, ``read`` -> LOW_SPEED_LIMIT of one byte
-per second over ``read`` seconds, ``total`` -> TIMEOUT (one whole object). Credentials are given
+Timeouts: ``connect`` -> libcurl CONNECTTIMEOUT, ``total`` -> TIMEOUT (one whole object), ``read``
+-> a progress callback that aborts when no byte arrived for that long (libcurl's LOW_SPEED check
+averages over several seconds, too coarse for this). Credentials are given
 to libcurl as auth options (never placed in URLs) and libcurl does not send them to another host
 on redirects.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 import time
@@ -55,6 +55,9 @@ class _Transfer:
     __slots__ = (
         "abort",
         "content_type",
+        "idle_limit",
+        "last_data",
+        "last_now",
         "link",
         "max_size",
         "on_data",
@@ -64,8 +67,13 @@ class _Transfer:
         "symlink_ok",
     )
 
-    def __init__(self, on_data: OnData, accept_symlink: bool, max_size: int | None) -> None:
+    def __init__(
+        self, on_data: OnData, accept_symlink: bool, max_size: int | None, idle_limit: float
+    ) -> None:
         self.on_data = on_data
+        self.idle_limit = idle_limit
+        self.last_data = time.monotonic()
+        self.last_now = 0
         self.symlink_ok = accept_symlink
         self.max_size = max_size
         self.status = 0
@@ -94,6 +102,17 @@ class _Transfer:
             self.content_type = value.strip().decode("latin-1").split(";")[0].strip().lower()
         elif key == b"retry-after":
             self.retry_after = value.strip().decode("latin-1")
+
+    def progress(self, _dltotal: int, dlnow: int, _ultotal: int, _ulnow: int) -> int:
+        """Read timeout: abort when no byte arrived for ``idle_limit`` seconds."""
+        now = time.monotonic()
+        if dlnow != self.last_now:
+            self.last_now = dlnow
+            self.last_data = now
+        elif now - self.last_data > self.idle_limit:
+            self.abort = SourceTimeout(f"timed out: no data for {self.idle_limit:g} s")
+            return 1
+        return 0
 
     def write(self, data: bytes) -> int | None:
         if self.status != 200:
@@ -181,8 +200,7 @@ class HttpSource(Source):
         c.setopt(pycurl.ACCEPT_ENCODING, "")  # any encoding libcurl can decode (zstd, gzip...)
         c.setopt(pycurl.CONNECTTIMEOUT_MS, max(1, int(t.connect * 1000)))
         c.setopt(pycurl.TIMEOUT_MS, max(1, int(t.total * 1000)))
-        c.setopt(pycurl.LOW_SPEED_LIMIT, 1)
-        c.setopt(pycurl.LOW_SPEED_TIME, max(1, math.ceil(t.read)))
+        c.setopt(pycurl.NOPROGRESS, 0)  # XFERINFOFUNCTION enforces the read timeout
         c.setopt(pycurl.USERAGENT, "composefs-csi")
         if self._ca:
             c.setopt(pycurl.CAINFO, self._ca)
@@ -210,10 +228,11 @@ class HttpSource(Source):
             c.setopt(pycurl.HTTPAUTH, pycurl.HTTPAUTH_BASIC)
             c.setopt(pycurl.USERNAME, creds[1])
             c.setopt(pycurl.PASSWORD, creds[2])
-        tr = _Transfer(on_data, accept_symlink, max_size)
+        tr = _Transfer(on_data, accept_symlink, max_size, self.config.timeouts.read)
         c.setopt(pycurl.URL, self.base + urllib.parse.quote(relpath, safe="/:@+=-._~"))
         c.setopt(pycurl.HEADERFUNCTION, tr.header)
         c.setopt(pycurl.WRITEFUNCTION, tr.write)
+        c.setopt(pycurl.XFERINFOFUNCTION, tr.progress)
         try:
             c.perform()
         except pycurl.error as e:
@@ -226,6 +245,7 @@ class HttpSource(Source):
             # Drop references to this transfer (and anything its callbacks hold).
             c.setopt(pycurl.HEADERFUNCTION, _noop_header)
             c.setopt(pycurl.WRITEFUNCTION, _noop_write)
+            c.setopt(pycurl.XFERINFOFUNCTION, _noop_progress)
         status = tr.status
         if status == 200:
             if tr.link is not None:
@@ -251,6 +271,10 @@ def _noop_header(_line: bytes) -> None:
 
 def _noop_write(_data: bytes) -> int | None:
     return None
+
+
+def _noop_progress(_a: int, _b: int, _c: int, _d: int) -> int:
+    return 0
 
 
 def _system_ca() -> str | None:
