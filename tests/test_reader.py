@@ -106,6 +106,7 @@ def assert_round_trip(tree: Tree, min_version: int = 0, max_version: int = 1) ->
     assert canon(back) == canon(tree)
     v = img.version
     assert write(back, v, v) == data
+    assert write(img.to_tree(keep_opaque_markers=True), v, v) == data
     return img
 
 
@@ -805,6 +806,23 @@ def _unesc(s: bytes) -> bytes:
         out.append(c)
         i += 1
     return bytes(out)
+
+
+@needs_upstream
+@pytest.mark.parametrize("asset", _assets())
+def test_format_dump_of_tree_matches_composefs_info(asset: str, tmp_path: Path) -> None:
+    """The tree (with the C reader's opaque markers) prints as composefs-info dump prints."""
+    assert UPSTREAM
+    try:
+        from csi.image.dump import format_dump
+    except ImportError:
+        pytest.skip("csi.image.dump is not available yet")
+    data = _asset_image(asset, tmp_path)
+    tool = Path(UPSTREAM) / "build" / "tools" / "composefs-info"
+    expected = subprocess.run(
+        [str(tool), "dump", str(tmp_path / "img")], check=True, capture_output=True
+    ).stdout
+    assert format_dump(Image(data).to_tree(keep_opaque_markers=True)) == expected
 
 
 @needs_upstream

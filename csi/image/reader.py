@@ -941,8 +941,12 @@ class Image:
 
     # -- to_tree -------------------------------------------------------------------------------
 
-    def to_tree(self) -> Tree:
+    def to_tree(self, *, keep_opaque_markers: bool = False) -> Tree:
         """The logical tree this image was written from (the composefs rewriting undone).
+
+        ``keep_opaque_markers`` keeps the ``trusted.overlay.opaque=x`` / ``user.overlay.opaque=x``
+        that v1 adds to directories holding whiteouts, as the C reader (``composefs-info dump``)
+        does; writing the tree gives the same image either way.
 
         Writing the result again (same format version) gives the same image. Hard links:
         the primary name of an inode is the one where the writer's breadth-first counter
@@ -995,7 +999,11 @@ class Image:
             node.size = 0
             for k in (_ESC_WHITEOUT, _USER_WHITEOUT):
                 node.xattrs.pop(_unescape(k), None)
-            parent_markers[pdir] = tuple(k for k, _ in dir_markers)
+            parent_markers[pdir] = tuple(
+                k
+                for k, _ in dir_markers
+                if not (keep_opaque_markers and k in (_ESC_OPAQUE, _USER_OPAQUE))
+            )
         for pdir, keys in parent_markers.items():
             for k in keys:
                 nodes[pdir].xattrs.pop(_unescape(k), None)
