@@ -97,6 +97,8 @@ class TreeSpec:
     default_mtime: tuple[int, int] = BASE_MTIME
 
     def __post_init__(self) -> None:
+        if not self.entries or self.entries[0].path != b"":
+            raise ValueError("a spec starts with its root entry (path b'')")
         seen: dict[bytes, EntrySpec] = {}
         for e in self.entries:
             if e.path in seen:
@@ -113,8 +115,6 @@ class TreeSpec:
                 if t is None or t.kind in ("dir", "hardlink"):
                     raise ValueError(f"{e.path!r}: hardlink target must be an earlier non-dir")
             seen[e.path] = e
-        if b"" not in seen:
-            raise ValueError("a spec needs a root entry (path b'')")
 
     def by_path(self) -> dict[bytes, EntrySpec]:
         return {e.path: e for e in self.entries}
@@ -217,7 +217,8 @@ def make_disk_tree(root: str | os.PathLike[str], spec: TreeSpec) -> Path:
     """Create ``spec`` below ``root`` (created if missing; must be empty). Returns ``root``.
 
     Entries are created first, then ownership, permissions, xattrs and mtimes are applied
-    children-first, so directory mtimes are those of the spec.
+    children-first, so directory mtimes are those of the spec. Ownership is applied only
+    when running as root (otherwise everything belongs to the caller).
     """
     base = os.fsencode(root)
     os.makedirs(base, exist_ok=True)
@@ -247,11 +248,13 @@ def make_disk_tree(root: str | os.PathLike[str], spec: TreeSpec) -> Path:
         elif k == "hardlink":
             assert e.target is not None
             os.link(p(e.target), path, follow_symlinks=False)
+    privileged = os.geteuid() == 0
     for e in reversed(spec.entries):
         if e.kind == "hardlink":
             continue
         path = p(e.path)
-        os.chown(path, e.uid, e.gid, follow_symlinks=False)
+        if privileged:
+            os.chown(path, e.uid, e.gid, follow_symlinks=False)
         if e.kind != "symlink":
             os.chmod(path, stat.S_IMODE(e.mode))
         for key, value in e.xattrs.items():
