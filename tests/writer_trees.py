@@ -205,6 +205,14 @@ def tree_extended_inodes() -> Tree:
     return Tree(root)
 
 
+def tree_pre_epoch() -> Tree:
+    """Negative (pre-1970) seconds and a nanosecond field past 10^9, as dumps may carry."""
+    root = d()
+    root.add(b"old", reg(b"1969", mtime_sec=-86400, mtime_nsec=5))
+    root.add(b"odd", reg(b"ns", mtime_nsec=4_000_000_000))
+    return Tree(root)
+
+
 def tree_symlinks() -> Tree:
     root = d()
     for n in (1, 100, 2000, 4000, 4050, 4095):
@@ -301,6 +309,7 @@ TREES: dict[str, Callable[[], Tree]] = {
     "whiteouts": tree_whiteouts,
     "extended_inodes": tree_extended_inodes,
     "symlinks": tree_symlinks,
+    "pre_epoch": tree_pre_epoch,
     "hardlinks": tree_hardlinks,
     **{f"random_{s}": (lambda s=s: tree_random(s)) for s in range(8)},  # type: ignore[misc]
 }

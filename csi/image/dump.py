@@ -576,9 +576,22 @@ def parse_dump(data: bytes, *, strict: bool = False) -> Tree:
 # --------------------------------------------------------------------------- printing
 
 
-def format_dump(tree: Tree) -> bytes:
-    """The dump text of ``tree``, as ``composefs-info dump`` prints it (see module doc)."""
+def format_dump(tree: Tree, *, exact: bool = False) -> bytes:
+    """The dump text of ``tree``, as ``composefs-info dump`` prints it (see module doc).
+
+    With ``exact``, the text describes the tree itself rather than what composefs-info
+    shows: each inode's full line is at its primary name (the one that places the inode in
+    an image) and no xattr is hidden, so ``parse_dump(format_dump(t, exact=True))`` writes
+    the same image as ``t``, with mkcomposefs as with us.
+    """
     out: list[bytes] = []
+    if exact:
+        primary = tree.primary_paths()
+        for path, entry in tree.walk():
+            node = resolve(entry)
+            link = primary[id(node)] if isinstance(entry, HardLink) else None
+            out.append(_format_line(path, node, link, hide=False))
+        return b"".join(out)
     first_path: dict[int, bytes] = {}
     for path, entry in tree.walk():
         node = resolve(entry)
@@ -589,7 +602,7 @@ def format_dump(tree: Tree) -> bytes:
     return b"".join(out)
 
 
-def _format_line(path: bytes, n: Node, link_to: bytes | None) -> bytes:
+def _format_line(path: bytes, n: Node, link_to: bytes | None, *, hide: bool = True) -> bytes:
     ft = n.file_type
     if ft == S_IFDIR:
         assert n.entries is not None
@@ -620,7 +633,7 @@ def _format_line(path: bytes, n: Node, link_to: bytes | None) -> bytes:
         b"-" if n.digest is None else n.digest.hex().encode(),
     ]
     for key, value in n.xattrs.items():
-        if key in _HIDDEN_XATTRS:
+        if hide and key in _HIDDEN_XATTRS:
             continue
         parts.append(escape(key, equal=True) + b"=" + escape(value, equal=True))
     return b" ".join(parts) + b"\n"

@@ -40,6 +40,7 @@ LAYOUT_CHUNK_BASED = 4
 CHUNK_FORMAT_BLKBITS_MASK = 0x1F
 CHUNK_FORMAT_INDEXES = 0x20
 NULL_ADDR = 0xFFFFFFFF
+U64 = (1 << 64) - 1
 MAX_NONINLINE_CHUNKS = 1024
 
 # Extended attributes
@@ -115,5 +116,7 @@ def chunk_bits(size: int) -> int:
 
 
 def chunk_count(size: int) -> int:
+    """Number of chunks; computed in 64-bit arithmetic like libcomposefs, so it wraps for
+    sizes within one chunk of 2^64 (such files are accepted there, and here)."""
     bits = chunk_bits(size)
-    return (size + (1 << bits) - 1) >> bits
+    return ((size + (1 << bits) - 1) & U64) >> bits

@@ -229,9 +229,11 @@ def _validate_node(path: bytes, n: Node) -> None:
     for v, what in ((n.uid, "uid"), (n.gid, "gid"), (n.nlink, "nlink"), (n.rdev, "rdev")):
         if not 0 <= v <= 0xFFFFFFFF:
             raise TreeError(f"{path!r}: {what} {v} out of range")
-    if not 0 <= n.mtime_nsec < 1_000_000_000:
+    # As libcomposefs stores them: signed 64-bit seconds (pre-1970 is negative) and a u32
+    # nanosecond field (a dump may carry values past 10^9; they are written as given).
+    if not 0 <= n.mtime_nsec <= 0xFFFFFFFF:
         raise TreeError(f"{path!r}: mtime nanoseconds {n.mtime_nsec} out of range")
-    if not 0 <= n.mtime_sec < 1 << 64:
+    if not -(1 << 63) <= n.mtime_sec < 1 << 63:
         raise TreeError(f"{path!r}: mtime seconds {n.mtime_sec} out of range")
     if not 0 <= n.size < 1 << 64:
         raise TreeError(f"{path!r}: size {n.size} out of range")

@@ -457,7 +457,7 @@ def _serialise(
         0,
         root.nid,
         len(order),
-        min_mtime[0],
+        min_mtime[0] & E.U64,
         min_mtime[1],
         data_start // bs + n_data_blocks,
         (E.SUPER_OFFSET + E.SUPERBLOCK.size) // bs,
@@ -523,7 +523,7 @@ def _serialise(
                 w.ino,
                 w.uid,
                 w.gid,
-                w.mtime[0],
+                w.mtime[0] & E.U64,
                 w.mtime[1],
                 w.nlink,
             )

@@ -32,7 +32,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         dump, img = Path(tmp) / "t.dump", Path(tmp) / "t.img"
         for name, build in TREES.items():
-            dump.write_bytes(format_dump(build()))
+            dump.write_bytes(format_dump(build(), exact=True))
             golden[name] = {}
             for v in (0, 1):
                 subprocess.run(
