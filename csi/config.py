@@ -1,0 +1,219 @@
+"""The driver's configuration file (YAML), shared by the node plugin, data plane and controller.
+
+Example (every key optional except ``repositories``)::
+
+    repositories:                       # the only places images come from; pods pick by name
+      - name: models
+        urls: ["https://cdn.example.com/models/", "https://mirror.example.com/models/"]
+        auth: {type: bearer, token_file: /etc/composefs-csi/secrets/models/token}
+        ca_bundle: /etc/composefs-csi/ca/models.pem
+        allow_plain_http: false
+    default_repository: models          # used when a volume names none (default: the first)
+    store:
+      path: /var/lib/composefs-csi/store
+      size_cap: 50Gi                    # bytes, or a Kubernetes quantity; absent: no cap
+      high_watermark: 0.9               # GC starts above this fraction of the cap...
+      low_watermark: 0.8                # ...and frees down to this one
+    fetch:                              # defaults for every repository (a repository may override)
+      concurrency: 16
+      timeouts: {connect: 10, read: 30, total: 600}
+      retries: {max_attempts: 5, base_backoff: 0.2, max_backoff: 10}
+      rpc_wait: 100                     # seconds a publish waits before answering "retry later"
+    dataplane:
+      mountpoint: /var/lib/composefs-csi/mnt
+      socket: /run/composefs-csi/dataplane.sock
+      metrics_address: ":9810"
+      read_ahead_kb: 1024
+      open_files: 1024
+    metrics:
+      address: ":9809"                  # node plugin / controller metrics ("" disables)
+
+Unknown keys are errors, so a typo fails at start-up with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from csi.fetch.config import RepositoryConfig
+from csi.fetch.errors import ConfigError as RepositoryConfigError
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key and what is wrong."""
+
+
+_QUANTITY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(Ki|Mi|Gi|Ti|Pi|k|K|M|G|T|P)?\s*$")
+_UNITS = {
+    None: 1,
+    "k": 10**3,
+    "K": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "P": 10**15,
+    "Ki": 1 << 10,
+    "Mi": 1 << 20,
+    "Gi": 1 << 30,
+    "Ti": 1 << 40,
+    "Pi": 1 << 50,
+}
+
+
+def parse_size(value: object, key: str) -> int:
+    """Bytes from an integer or a Kubernetes-style quantity (``50Gi``, ``500M``)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a size, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"{key}: size must not be negative")
+        return value
+    if isinstance(value, str):
+        m = _QUANTITY.match(value)
+        if m:
+            return int(float(m.group(1)) * _UNITS[m.group(2)])
+    raise ConfigError(f"{key}: expected a size such as 10737418240 or 10Gi, got {value!r}")
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    path: Path = Path("/var/lib/composefs-csi/store")
+    size_cap: int | None = None
+    high_watermark: float = 0.9
+    low_watermark: float = 0.8
+
+
+@dataclass(frozen=True)
+class DataPlaneConfig:
+    mountpoint: Path = Path("/var/lib/composefs-csi/mnt")
+    socket: Path = Path("/run/composefs-csi/dataplane.sock")
+    metrics_address: str = ":9810"
+    read_ahead_kb: int = 1024
+    open_files: int = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class DriverConfig:
+    repositories: dict[str, RepositoryConfig]
+    default_repository: str
+    store: StoreConfig = field(default_factory=StoreConfig)
+    dataplane: DataPlaneConfig = field(default_factory=DataPlaneConfig)
+    metrics_address: str = ":9809"
+    rpc_wait: float = 100.0
+    fetch_concurrency: int = 16
+
+    def repository(self, name: str | None) -> RepositoryConfig:
+        """The repository a volume asks for by name (None: the default). KeyError if unknown."""
+        return self.repositories[name or self.default_repository]
+
+
+def _take(d: dict[str, Any], allowed: set[str], where: str) -> None:
+    unknown = set(d) - allowed
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+
+
+def _mapping(value: object, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+    return dict(value)
+
+
+def _number(value: object, where: str, *, lo: float, hi: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        bound = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+        raise ConfigError(f"{where}: must be {bound}, got {value}")
+    return float(value)
+
+
+def config_from_dict(raw: object) -> DriverConfig:
+    """Validate a parsed configuration document and build the typed configuration."""
+    top = _mapping(raw, "configuration")
+    _take(
+        top,
+        {"repositories", "default_repository", "store", "fetch", "dataplane", "metrics"},
+        "configuration",
+    )
+    fetch = _mapping(top.get("fetch"), "fetch")
+    _take(fetch, {"concurrency", "timeouts", "retries", "rpc_wait"}, "fetch")
+    rpc_wait = _number(fetch.pop("rpc_wait", 100.0), "fetch.rpc_wait", lo=1)
+
+    repos_raw = top.get("repositories")
+    if not isinstance(repos_raw, list) or not repos_raw:
+        raise ConfigError("repositories: at least one repository must be configured")
+    repositories: dict[str, RepositoryConfig] = {}
+    for i, item in enumerate(repos_raw):
+        entry = _mapping(item, f"repositories[{i}]")
+        merged = {**fetch, **entry}
+        for key in ("timeouts", "retries"):
+            if key in fetch and key in entry:
+                merged[key] = {**fetch[key], **entry[key]}
+        try:
+            repo = RepositoryConfig.from_dict(merged)
+        except (RepositoryConfigError, TypeError, ValueError, KeyError) as e:
+            raise ConfigError(f"repositories[{i}]: {e}") from None
+        if repo.name in repositories:
+            raise ConfigError(f"repositories[{i}]: duplicate name {repo.name!r}")
+        repositories[repo.name] = repo
+    default = top.get("default_repository") or next(iter(repositories))
+    if default not in repositories:
+        raise ConfigError(f"default_repository: {default!r} is not a configured repository")
+
+    store_d = _mapping(top.get("store"), "store")
+    _take(store_d, {"path", "size_cap", "high_watermark", "low_watermark"}, "store")
+    cap = store_d.get("size_cap")
+    store = StoreConfig(
+        path=Path(store_d.get("path", StoreConfig.path)),
+        size_cap=None if cap in (None, 0, "") else parse_size(cap, "store.size_cap"),
+        high_watermark=_number(
+            store_d.get("high_watermark", 0.9), "store.high_watermark", lo=0.01, hi=1
+        ),
+        low_watermark=_number(store_d.get("low_watermark", 0.8), "store.low_watermark", lo=0, hi=1),
+    )
+    if store.low_watermark >= store.high_watermark:
+        raise ConfigError("store: low_watermark must be below high_watermark")
+
+    dp = _mapping(top.get("dataplane"), "dataplane")
+    _take(
+        dp, {"mountpoint", "socket", "metrics_address", "read_ahead_kb", "open_files"}, "dataplane"
+    )
+    dataplane = DataPlaneConfig(
+        mountpoint=Path(dp.get("mountpoint", DataPlaneConfig.mountpoint)),
+        socket=Path(dp.get("socket", DataPlaneConfig.socket)),
+        metrics_address=str(dp.get("metrics_address", DataPlaneConfig.metrics_address)),
+        read_ahead_kb=int(_number(dp.get("read_ahead_kb", 1024), "dataplane.read_ahead_kb", lo=0)),
+        open_files=int(_number(dp.get("open_files", 1024), "dataplane.open_files", lo=16)),
+    )
+    metrics = _mapping(top.get("metrics"), "metrics")
+    _take(metrics, {"address"}, "metrics")
+    return DriverConfig(
+        repositories=repositories,
+        default_repository=default,
+        store=store,
+        dataplane=dataplane,
+        metrics_address=str(metrics.get("address", ":9809")),
+        rpc_wait=rpc_wait,
+        fetch_concurrency=int(fetch.get("concurrency", 16)),
+    )
+
+
+def load_config(path: str | Path) -> DriverConfig:
+    """Read and validate a configuration file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read configuration file {str(path)!r}: {e.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"configuration file {str(path)!r} is not valid YAML: {e}") from None
+    return config_from_dict(raw)
