@@ -1,0 +1,42 @@
+"""``python -m csi.fuse CONFIG.json``: run the data plane daemon from a JSON configuration.
+
+For tests and development; the product entry point is ``composefs-csi dataplane``. The JSON
+object has the fields of :class:`csi.fuse.config.DataPlaneConfig` (paths as strings, lists
+for tuples).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import DataPlaneConfig
+from .daemon import run_daemon
+
+
+def config_from_dict(data: dict[str, Any]) -> DataPlaneConfig:
+    d = dict(data)
+    for key in ("mountpoint", "control_socket", "store"):
+        d[key] = Path(d[key])
+    if "mount_options" in d:
+        d["mount_options"] = tuple(d["mount_options"])
+    return DataPlaneConfig(**d)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m csi.fuse CONFIG.json", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    run_daemon(config_from_dict(json.loads(Path(args[0]).read_text())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""Configuration of the FUSE data plane daemon (plain data, no argument parsing)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+#: Mount options used unless the configuration says otherwise.
+DEFAULT_MOUNT_OPTIONS: tuple[str, ...] = ("ro", "nosuid", "nodev", "allow_other")
+
+#: Name shown as the mount source and subtype (``findmnt`` shows ``fuse.composefs-csi``).
+FSNAME = "composefs-csi"
+
+
+@dataclass(frozen=True)
+class DataPlaneConfig:
+    """Everything :func:`csi.fuse.daemon.run_daemon` needs.
+
+    ``repositories`` maps an admin-given repository name to its base URL (or local path); lazy
+    views fetch missing objects from the repository named when they are added, or from
+    ``default_repository``. ``metrics_address`` is ``"host:port"`` for the Prometheus endpoint
+    (``None``: no endpoint).
+    """
+
+    mountpoint: Path
+    control_socket: Path
+    store: Path
+    repositories: Mapping[str, str] = field(default_factory=dict)
+    default_repository: str | None = None
+    mount_options: tuple[str, ...] = DEFAULT_MOUNT_OPTIONS
+    #: BDI read-ahead of the mount in KiB, written after mounting (0: leave the kernel default).
+    read_ahead_kb: int = 1024
+    #: Idle object file descriptors kept open (those in use are never closed).
+    fd_cache_size: int = 1024
+    #: Threads doing file I/O (pread, open) at once.
+    io_threads: int = 32
+    #: Objects fetched at once for reads waiting on a lazy view's missing object.
+    demand_fetch_threads: int = 16
+    #: Objects fetched at once in the background for lazy views.
+    prefetch_threads: int = 4
+    #: A read waiting for a lazily fetched object fails with EIO after this many seconds.
+    fetch_timeout: float = 600.0
+    #: Kernel entry/attribute cache lifetime for image content (immutable: very long).
+    cache_timeout: float = 86400.0 * 365
+    metrics_address: str | None = None
+    #: Seconds to wait for the kernel to release the mount at shutdown before detaching it.
+    unmount_timeout: float = 10.0

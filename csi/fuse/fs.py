@@ -1,0 +1,409 @@
+"""The pyfuse3 filesystem: the mount root lists views; each view is one subdirectory.
+
+Every handler runs on the trio thread and never blocks it: metadata comes from memory-mapped
+images, object opens and reads go to worker threads (:mod:`csi.fuse.objects`). Handlers never
+raise anything but :class:`pyfuse3.FUSEError` (pyfuse3 stops serving on any other exception):
+a malformed image or an unexpected failure is logged and answered with EIO.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+import pyfuse3
+
+from csi.image.errors import FormatError
+
+from . import metrics
+from .inodes import MAX_SLOT, ROOT_INO, slot_of
+from .objects import ObjectFile, ObjectMissing, ObjectStoreAccess, ObjectUnavailable
+from .views import DOT_ENTRIES, FileRef, View, ViewError, entry_attributes
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+S = TypeVar("S")
+
+#: Attribute lifetime of the mount root (its listing changes as views come and go).
+ROOT_TIMEOUT = 1.0
+_U64_MAX = (1 << 64) - 1
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
+
+
+def _errname(err: int) -> str:
+    return errno.errorcode.get(err, str(err))
+
+
+def handler(
+    op: str,
+) -> Callable[
+    [Callable[Concatenate[S, P], Coroutine[Any, Any, T]]],
+    Callable[Concatenate[S, P], Coroutine[Any, Any, T]],
+]:
+    """Count the operation, and turn every failure into a FUSEError (logging the unexpected)."""
+    ops = metrics.OPERATIONS.labels(op)
+
+    def deco(
+        fn: Callable[Concatenate[S, P], Coroutine[Any, Any, T]],
+    ) -> Callable[Concatenate[S, P], Coroutine[Any, Any, T]]:
+        @functools.wraps(fn)
+        async def wrapper(self: S, /, *args: P.args, **kwargs: P.kwargs) -> T:
+            ops.inc()
+            try:
+                return await fn(self, *args, **kwargs)
+            except pyfuse3.FUSEError as e:
+                metrics.ERRORS.labels(op, _errname(e.errno)).inc()
+                raise
+            except ViewError as e:
+                metrics.ERRORS.labels(op, _errname(e.errno)).inc()
+                if e.errno == errno.EIO:
+                    log.error("%s: %s", op, e)
+                raise pyfuse3.FUSEError(e.errno) from None
+            except FormatError as e:
+                metrics.ERRORS.labels(op, "EIO").inc()
+                log.error("%s: malformed image: %s", op, e)
+                raise pyfuse3.FUSEError(errno.EIO) from None
+            except Exception:
+                metrics.ERRORS.labels(op, "EIO").inc()
+                log.exception("%s failed", op)
+                raise pyfuse3.FUSEError(errno.EIO) from None
+
+        return wrapper
+
+    return deco
+
+
+@dataclass(eq=False, slots=True)
+class _OpenFile:
+    view: View
+    ref: FileRef
+    obj: ObjectFile | None
+
+
+@dataclass(eq=False, slots=True)
+class _OpenDir:
+    view: View | None  # None: the mount root
+    ino: int
+    root_entries: list[tuple[bytes, int]] | None = None
+
+
+class DataPlaneFS(pyfuse3.Operations):
+    """Read-only FUSE operations over a set of views.
+
+    With ``single`` set, the mount shows that one view at its root (``composefs-csi mount``);
+    otherwise the root lists views by key and :meth:`attach`/:meth:`detach` change it.
+    """
+
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, objects: ObjectStoreAccess, *, timeout: float) -> None:
+        super().__init__()
+        self.objects = objects
+        self.timeout = timeout
+        self.views: dict[str, View] = {}
+        self._by_slot: dict[int, View] = {}
+        self._retired: dict[int, View] = {}
+        self._next_slot = 1
+        self.single: View | None = None
+        self._files: dict[int, _OpenFile] = {}
+        self._dirs: dict[int, _OpenDir] = {}
+        self._next_fh = 1
+        self._root_mtime_ns = time.time_ns()
+        self.mounted = False
+
+    # -- view registry -----------------------------------------------------------------------
+
+    def allocate_slot(self) -> int:
+        if self._next_slot > MAX_SLOT:
+            raise RuntimeError("no view slots left (restart the data plane)")
+        slot = self._next_slot
+        self._next_slot += 1
+        return slot
+
+    def attach(self, view: View) -> None:
+        self.views[view.key] = view
+        self._by_slot[view.slot] = view
+        self._root_mtime_ns = time.time_ns()
+        self._update_view_metrics()
+
+    def set_single(self, view: View) -> None:
+        self.single = view
+        self._by_slot[view.slot] = view
+
+    def detach(self, view: View) -> None:
+        """Remove a view from the root; its open files keep working until released."""
+        self.views.pop(view.key, None)
+        self._by_slot.pop(view.slot, None)
+        self._root_mtime_ns = time.time_ns()
+        self._update_view_metrics()
+        if view.open_files:
+            self._retired[view.slot] = view
+        else:
+            view.close()
+        if self.mounted:
+            try:
+                pyfuse3.invalidate_entry_async(
+                    ROOT_INO, view.key.encode(), deleted=view.root_ino, ignore_enoent=True
+                )
+            except Exception as e:  # the kernel may already have forgotten it
+                log.debug("invalidating %s: %s", view.key, e)
+
+    def _update_view_metrics(self) -> None:
+        images = sum(1 for v in self.views.values() if v.kind == "image")
+        metrics.VIEWS.labels("image").set(images)
+        metrics.VIEWS.labels("composition").set(len(self.views) - images)
+        metrics.VIEW_HOLDERS.set(sum(len(v.holders) for v in self.views.values()))
+
+    def _view(self, ino: int) -> View:
+        if self.single is not None and ino == ROOT_INO:
+            return self.single
+        view = self._by_slot.get(slot_of(ino))
+        if view is None:
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        return view
+
+    def _is_root(self, ino: int) -> bool:
+        return ino == ROOT_INO and self.single is None
+
+    def _root_attrs(self) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = ROOT_INO
+        e.entry_timeout = ROOT_TIMEOUT
+        e.attr_timeout = ROOT_TIMEOUT
+        e.st_mode = stat.S_IFDIR | 0o755
+        e.st_nlink = 2 + len(self.views)
+        e.st_size = 4096
+        e.st_blksize = 4096
+        e.st_blocks = 8
+        e.st_atime_ns = e.st_mtime_ns = e.st_ctime_ns = self._root_mtime_ns
+        return e
+
+    def _view_root_attrs(self, view: View) -> pyfuse3.EntryAttributes:
+        return view.getattr(view.root_ino)
+
+    # -- metadata -----------------------------------------------------------------------------
+
+    @handler("lookup")
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        if self._is_root(parent_inode):
+            if name == b"." or name == b"..":
+                return self._root_attrs()
+            view = self.views.get(name.decode("utf-8", "replace"))
+            if view is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return self._view_root_attrs(view)
+        view = self._view(parent_inode)
+        if name == b".":
+            return view.getattr(parent_inode)
+        if name == b"..":
+            up = view.parent_of(parent_inode)
+            return self._root_attrs() if self._is_root(up) else view.getattr(up)
+        attrs = view.lookup(parent_inode, name)
+        if attrs is None:
+            neg = pyfuse3.EntryAttributes()
+            neg.st_ino = 0
+            neg.entry_timeout = view.timeout
+            return neg
+        return attrs
+
+    @handler("getattr")
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if self._is_root(inode):
+            return self._root_attrs()
+        return self._view(inode).getattr(inode)
+
+    @handler("readlink")
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        if self._is_root(inode):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return self._view(inode).readlink(inode)
+
+    @handler("listxattr")
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
+        if self._is_root(inode):
+            return []
+        return self._view(inode).listxattr(inode)
+
+    @handler("getxattr")
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if self._is_root(inode):
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        value = self._view(inode).getxattr(inode, name)
+        if value is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return value
+
+    @handler("statfs")
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        # pyfuse3 does not say which inode is asked about, so the answer covers the whole
+        # mount: with one view it is exactly what a kernel composefs mount reports.
+        views = [self.single] if self.single is not None else list(self.views.values())
+        blocks = inos = 0
+        for v in views:
+            b, i = v.statfs()
+            blocks += b
+            inos += i
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = 4096
+        s.f_frsize = 4096
+        s.f_blocks = blocks
+        s.f_bfree = 0
+        s.f_bavail = 0
+        s.f_files = _U64_MAX
+        s.f_ffree = _U64_MAX - inos
+        s.f_favail = _U64_MAX - inos
+        s.f_namemax = 255
+        return s
+
+    # -- directories ----------------------------------------------------------------------------
+
+    def _new_fh(self) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        return fh
+
+    @handler("opendir")
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        fh = self._new_fh()
+        if self._is_root(inode):
+            entries = [(k.encode(), v) for k, v in sorted(self.views.items())]
+            self._dirs[fh] = _OpenDir(None, inode, [(n, v.root_ino) for n, v in entries])
+            return fh
+        view = self._view(inode)
+        view.dir_listing(inode)  # checks it is a directory; compositions merge it here
+        self._dirs[fh] = _OpenDir(view, inode)
+        return fh
+
+    @handler("readdir")
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        d = self._dirs.get(fh)
+        if d is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        off = start_id
+        if off < DOT_ENTRIES:
+            dots = self._dot_attrs(d)
+            for i in range(off, DOT_ENTRIES):
+                name, attrs = dots[i]
+                if not pyfuse3.readdir_reply(token, name, attrs, i + 1):
+                    return
+            off = DOT_ENTRIES
+        if d.view is None:
+            assert d.root_entries is not None
+            for i in range(off - DOT_ENTRIES, len(d.root_entries)):
+                name, root_ino = d.root_entries[i]
+                view = self._by_slot.get(slot_of(root_ino))
+                if view is None:
+                    continue
+                attrs = self._view_root_attrs(view)
+                if not pyfuse3.readdir_reply(token, name, attrs, DOT_ENTRIES + i + 1):
+                    return
+            return
+        for name, attrs, cookie in d.view.readdir(d.ino, off - DOT_ENTRIES):
+            if not pyfuse3.readdir_reply(token, name, attrs, DOT_ENTRIES + cookie):
+                return
+
+    def _dot_attrs(self, d: _OpenDir) -> list[tuple[bytes, pyfuse3.EntryAttributes]]:
+        if d.view is None:
+            root = self._root_attrs()
+            return [(b".", root), (b"..", root)]
+        here = d.view.getattr(d.ino)
+        up = d.view.parent_of(d.ino)
+        parent = self._root_attrs() if self._is_root(up) else d.view.getattr(up)
+        return [(b".", here), (b"..", parent)]
+
+    @handler("releasedir")
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    # -- files ------------------------------------------------------------------------------------
+
+    @handler("open")
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if flags & _WRITE_FLAGS:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if self._is_root(inode):
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        view = self._view(inode)
+        ref = view.file(inode)
+        obj: ObjectFile | None = None
+        if ref.digest is not None:
+            try:
+                obj = await self.objects.acquire(ref.digest, view.lazy_source)
+            except ObjectMissing:
+                raise pyfuse3.FUSEError(errno.ENOENT) from None
+            except ObjectUnavailable:
+                raise pyfuse3.FUSEError(errno.EIO) from None
+            except OSError as e:
+                log.error("opening object %s: %s", ref.digest.hex(), e)
+                raise pyfuse3.FUSEError(errno.EIO) from None
+        fh = self._new_fh()
+        self._files[fh] = _OpenFile(view, ref, obj)
+        view.open_files += 1
+        metrics.OPEN_FILES.inc()
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    @handler("read")
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        f = self._files.get(fh)
+        if f is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        end = min(off + size, f.ref.size)
+        if off >= end:
+            return b""
+        if f.obj is None:
+            data = f.ref.image.read_inline(f.ref.nid, off, end - off)
+        else:
+            try:
+                data = await self.objects.pread(f.obj, end - off, off)
+            except OSError as e:
+                log.error("reading object %s: %s", f.obj.digest.hex(), e)
+                raise pyfuse3.FUSEError(errno.EIO) from None
+        metrics.READ_BYTES.inc(len(data))
+        return data
+
+    @handler("release")
+    async def release(self, fh: int) -> None:
+        f = self._files.pop(fh, None)
+        if f is None:
+            return
+        metrics.OPEN_FILES.dec()
+        if f.obj is not None:
+            self.objects.release(f.obj)
+        view = f.view
+        view.open_files -= 1
+        if view.open_files == 0 and self._retired.pop(view.slot, None) is not None:
+            view.close()
+
+    def close_all(self) -> None:
+        """Drop every view and cached descriptor (after unmounting)."""
+        for f in self._files.values():
+            if f.obj is not None:
+                self.objects.release(f.obj)
+        self._files.clear()
+        self._dirs.clear()
+        views = {id(v): v for v in [*self.views.values(), *self._retired.values()]}
+        if self.single is not None:
+            views[id(self.single)] = self.single
+        for v in views.values():
+            v.close()
+        self.views.clear()
+        self._by_slot.clear()
+        self._retired.clear()
+        self.objects.fds.close_all()
+        self._update_view_metrics()
+
+
+__all__ = ["DataPlaneFS", "entry_attributes"]

@@ -1,0 +1,99 @@
+"""``composefs-csi mount REF MOUNTPOINT --repository URL --store DIR [--lazy]`` as a function.
+
+Mounts one image for local use, in the foreground: the image is fetched into the store (all its
+objects first, or only the image with ``lazy``: objects then arrive on first read and in the
+background), the mount root shows the image, and SIGINT/SIGTERM unmount cleanly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+
+from csi.fetch import RepositoryClient, RepositoryConfig
+from csi.store import Store, StoreError
+from csi.store.writer import ObjectWriter
+
+from . import mounting
+from .config import DEFAULT_MOUNT_OPTIONS, DataPlaneConfig
+from .daemon import DataPlane
+from .sources import RepositoryObjectSource, StoreHandle, repository_config
+
+log = logging.getLogger(__name__)
+
+
+def fetch_image_only(client: RepositoryClient, ref: str, store: Store) -> bytes:
+    """Resolve ``ref`` and make its image (not its objects) present and recorded in ``store``."""
+    digest = client.resolve(ref)
+    if not store.has_image(digest):
+        # An image is also an object of the repository (images/<hex> links into objects/).
+        client.fetch_objects(store, [digest])
+
+        def refuse(w: ObjectWriter) -> None:
+            raise StoreError(f"image {digest.hex()} vanished from the store")
+
+        store.ensure(digest, refuse, kind="image")
+    return digest
+
+
+def mount_command(
+    ref: str,
+    mountpoint: Path,
+    repository: str | Sequence[str],
+    store_dir: Path,
+    *,
+    lazy: bool = False,
+    mount_options: tuple[str, ...] = DEFAULT_MOUNT_OPTIONS,
+    read_ahead_kb: int = 1024,
+) -> int:
+    """Fetch and mount ``ref`` at ``mountpoint`` until interrupted; returns an exit status.
+
+    Raises :class:`csi.fetch.FetchError` when the image cannot be fetched.
+    """
+    urls = (repository,) if isinstance(repository, str) else tuple(repository)
+    config = repository_config("default", urls[0])
+    if len(urls) > 1:
+        config = RepositoryConfig(
+            name="default", urls=urls, allow_plain_http=any(u.startswith("http:") for u in urls)
+        )
+    mountpoint = Path(mountpoint).absolute()
+    store_dir = Path(store_dir).absolute()
+    holder = f"mount:{mountpoint}"
+    client = RepositoryClient(config)
+    try:
+        with Store(store_dir) as store:
+            if lazy:
+                digest = fetch_image_only(client, ref, store)
+            else:
+                digest = client.fetch_image(ref, store).image
+            store.touch(digest)
+            store.lease(holder, [digest])
+        log.info("image %s (%s)", digest.hex(), ref)
+        mounting.raise_fd_limit()
+        plane = DataPlane(
+            DataPlaneConfig(
+                mountpoint=mountpoint,
+                control_socket=mountpoint / ".control",  # not used: no control socket
+                store=store_dir,
+                mount_options=mount_options,
+                read_ahead_kb=read_ahead_kb,
+            )
+        )
+        source = RepositoryObjectSource(client, plane.store) if lazy else None
+        plane.serve_single([digest], composition=False, source=source)
+        plane.mount()
+        try:
+            trio.run(lambda: plane.serve(control=False))
+        finally:
+            plane.unmount()
+            with Store(store_dir) as store:
+                store.release(holder)
+        return 0
+    finally:
+        client.close()
+
+
+__all__ = ["StoreHandle", "fetch_image_only", "mount_command"]

@@ -1,0 +1,305 @@
+"""Object files behind a view: a bounded cache of open descriptors and lazy fetching.
+
+Objects in the store are verified (their fs-verity digest recomputed) when the store inserts
+them, and the store never changes an object in place, so the data plane trusts what it finds
+under ``objects/`` and does not re-hash on open.
+
+Descriptors are reference counted: a FUSE open holds its object's descriptor until release, and
+released descriptors stay open in an LRU of at most ``max_idle`` entries, so hot files are not
+reopened and a descriptor is never closed under a concurrent ``pread``.
+
+Lazy views fetch a missing object on first open. Fetches are single-flight per object: a read
+that finds the object already being fetched (by another read or by the background prefetch)
+waits for that fetch. Reads that wait get their own pool of threads, so they never queue behind
+the background prefetch; opens of objects already in the store never touch the fetcher.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import trio
+
+from . import metrics
+
+log = logging.getLogger(__name__)
+
+OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NOCTTY
+
+
+class ObjectSource(Protocol):
+    """Where a lazy view gets missing objects from (a configured repository)."""
+
+    def fetch(self, digest: bytes) -> None:
+        """Fetch one object into the store and verify it; blocking; raise on failure."""
+        ...
+
+
+class ObjectMissing(Exception):
+    """The object is not in the store and cannot be fetched (the kernel answers ENOENT)."""
+
+
+class ObjectUnavailable(Exception):
+    """Fetching the object failed or timed out (answered with EIO)."""
+
+
+@dataclass(eq=False, slots=True)
+class ObjectFile:
+    digest: bytes
+    fd: int
+    refs: int = 0
+
+
+class FdCache:
+    """Open object descriptors by digest; idle ones kept in an LRU of bounded size.
+
+    Only ever used from the trio thread (no locking needed).
+    """
+
+    def __init__(self, max_idle: int) -> None:
+        self.max_idle = max(0, max_idle)
+        self._files: dict[bytes, ObjectFile] = {}
+        self._idle: OrderedDict[bytes, None] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def acquire(self, digest: bytes) -> ObjectFile | None:
+        f = self._files.get(digest)
+        if f is None:
+            return None
+        if f.refs == 0:
+            self._idle.pop(digest, None)
+        f.refs += 1
+        return f
+
+    def insert(self, digest: bytes, fd: int) -> ObjectFile:
+        """Add a freshly opened descriptor, acquired; if one raced in first, use that one."""
+        existing = self.acquire(digest)
+        if existing is not None:
+            os.close(fd)
+            return existing
+        f = ObjectFile(digest, fd, 1)
+        self._files[digest] = f
+        metrics.OBJECT_FDS.set(len(self._files))
+        return f
+
+    def release(self, f: ObjectFile) -> None:
+        f.refs -= 1
+        if f.refs > 0:
+            return
+        if self._files.get(f.digest) is not f:  # already dropped by close_all
+            os.close(f.fd)
+            return
+        self._idle[f.digest] = None
+        while len(self._idle) > self.max_idle:
+            digest, _ = self._idle.popitem(last=False)
+            victim = self._files.pop(digest)
+            os.close(victim.fd)
+        metrics.OBJECT_FDS.set(len(self._files))
+
+    def close_all(self) -> None:
+        """Close idle descriptors; those in use are closed when released."""
+        for digest in list(self._idle):
+            os.close(self._files.pop(digest).fd)
+        self._idle.clear()
+        self._files.clear()  # descriptors still in use are closed by their last release
+        metrics.OBJECT_FDS.set(0)
+
+
+@dataclass(eq=False)
+class _Flight:
+    done: trio.Event = field(default_factory=trio.Event)
+    error: BaseException | None = None
+
+
+@dataclass
+class FetchProgress:
+    """Background prefetch state of one lazy view (for the control API's status)."""
+
+    total: int = 0
+    missing: int = 0
+    fetched: int = 0
+    failed: int = 0
+    state: str = "idle"  # idle | running | done | failed | cancelled
+    last_error: str | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "objects": self.total,
+            "missing": self.missing,
+            "fetched": self.fetched,
+            "failed": self.failed,
+            "state": self.state,
+            "last_error": self.last_error,
+        }
+
+
+class ObjectStoreAccess:
+    """Opens objects of the store for reads, fetching missing ones for lazy views."""
+
+    def __init__(
+        self,
+        object_path: Callable[[bytes], Path],
+        *,
+        fd_cache_size: int,
+        io_threads: int,
+        demand_fetch_threads: int,
+        prefetch_threads: int,
+        fetch_timeout: float,
+    ) -> None:
+        self.object_path = object_path
+        self.fds = FdCache(fd_cache_size)
+        self.io_limiter = trio.CapacityLimiter(io_threads)
+        self._demand_limiter = trio.CapacityLimiter(demand_fetch_threads)
+        self._prefetch_workers = max(1, prefetch_threads)
+        self._prefetch_limiter = trio.CapacityLimiter(self._prefetch_workers)
+        # Fetch threads of flights already admitted by one of the two limiters above.
+        self._flight_limiter = trio.CapacityLimiter(demand_fetch_threads + prefetch_threads)
+        self.fetch_timeout = fetch_timeout
+        self._flights: dict[bytes, _Flight] = {}
+        self._nursery: trio.Nursery | None = None
+
+    def start(self, nursery: trio.Nursery) -> None:
+        """Give the access a nursery for fetches that outlive the request that started them."""
+        self._nursery = nursery
+
+    def has_object(self, digest: bytes) -> bool:
+        return self.object_path(digest).is_file()
+
+    async def acquire(self, digest: bytes, source: ObjectSource | None) -> ObjectFile:
+        """An open descriptor for the object (release it with :meth:`release`)."""
+        cached = self.fds.acquire(digest)
+        if cached is not None:
+            return cached
+        path = self.object_path(digest)
+        try:
+            fd = await trio.to_thread.run_sync(os.open, path, OPEN_FLAGS, limiter=self.io_limiter)
+        except FileNotFoundError:
+            if source is None:
+                metrics.MISSING_OBJECTS.inc()
+                log.warning("object %s is not in the store (%s)", digest.hex(), path)
+                raise ObjectMissing(digest.hex()) from None
+            await self._wait_for(digest, source)
+            try:
+                fd = await trio.to_thread.run_sync(
+                    os.open, path, OPEN_FLAGS, limiter=self.io_limiter
+                )
+            except FileNotFoundError:
+                log.error("object %s still missing after a successful fetch", digest.hex())
+                raise ObjectUnavailable(digest.hex()) from None
+        return self.fds.insert(digest, fd)
+
+    def release(self, f: ObjectFile) -> None:
+        self.fds.release(f)
+
+    async def pread(self, f: ObjectFile, size: int, offset: int) -> bytes:
+        return await trio.to_thread.run_sync(os.pread, f.fd, size, offset, limiter=self.io_limiter)
+
+    # -- lazy fetching -------------------------------------------------------------------
+
+    async def _wait_for(self, digest: bytes, source: ObjectSource) -> None:
+        started = time.monotonic()
+        flight = self._flights.get(digest)
+        if flight is None:
+            flight = self._start_flight(digest, source, self._demand_limiter, "demand")
+        with trio.move_on_after(self.fetch_timeout) as scope:
+            await flight.done.wait()
+        metrics.LAZY_FETCH_WAIT.observe(time.monotonic() - started)
+        if scope.cancelled_caught:
+            log.error(
+                "object %s: no fetch result after %.0f s; failing the read",
+                digest.hex(),
+                self.fetch_timeout,
+            )
+            raise ObjectUnavailable(digest.hex())
+        if flight.error is not None:
+            raise ObjectUnavailable(digest.hex()) from flight.error
+
+    def _start_flight(
+        self, digest: bytes, source: ObjectSource, limiter: trio.CapacityLimiter, trigger: str
+    ) -> _Flight:
+        if self._nursery is None:
+            raise RuntimeError("ObjectStoreAccess.start() was not called")
+        flight = _Flight()
+        self._flights[digest] = flight
+        self._nursery.start_soon(self._run_flight, digest, source, limiter, flight, trigger)
+        return flight
+
+    async def _run_flight(
+        self,
+        digest: bytes,
+        source: ObjectSource,
+        limiter: trio.CapacityLimiter | None,
+        flight: _Flight,
+        trigger: str,
+    ) -> None:
+        try:
+            if limiter is not None:
+                await limiter.acquire()
+            try:
+                await trio.to_thread.run_sync(source.fetch, digest, limiter=self._flight_limiter)
+            finally:
+                if limiter is not None:
+                    limiter.release()
+            metrics.LAZY_FETCHES.labels(trigger, "ok").inc()
+        except Exception as e:
+            metrics.LAZY_FETCHES.labels(trigger, "error").inc()
+            log.error("fetching object %s failed: %s", digest.hex(), e)
+            flight.error = e
+        finally:
+            del self._flights[digest]
+            flight.done.set()
+
+    async def prefetch(
+        self, digests: Iterable[bytes], source: ObjectSource, progress: FetchProgress
+    ) -> None:
+        """Fetch every missing object among ``digests`` (runs until done or cancelled)."""
+        todo = sorted(digests)
+        progress.total = len(todo)
+        missing = await trio.to_thread.run_sync(
+            lambda: [d for d in todo if not self.has_object(d)], limiter=self.io_limiter
+        )
+        progress.missing = len(missing)
+        progress.state = "running"
+        queue = iter(missing)
+
+        async def worker() -> None:
+            for digest in queue:
+                flight = self._flights.get(digest)
+                if flight is None:
+                    async with self._prefetch_limiter:
+                        flight = self._flights.get(digest)
+                        if flight is None:
+                            if await trio.to_thread.run_sync(
+                                self.has_object, digest, limiter=self.io_limiter
+                            ):
+                                progress.missing -= 1
+                                continue
+                            flight = _Flight()
+                            self._flights[digest] = flight
+                            await self._run_flight(digest, source, None, flight, "prefetch")
+                if not flight.done.is_set():
+                    await flight.done.wait()
+                if flight.error is None:
+                    progress.fetched += 1
+                    progress.missing -= 1
+                else:
+                    progress.failed += 1
+                    progress.last_error = f"{digest.hex()}: {flight.error}"
+
+        try:
+            async with trio.open_nursery() as n:
+                for _ in range(self._prefetch_workers):
+                    n.start_soon(worker)
+        except trio.Cancelled:
+            progress.state = "cancelled"
+            raise
+        progress.state = "failed" if progress.failed else "done"
