@@ -1,0 +1,202 @@
+"""The node plugin's record of its volumes (SQLite), so a restart knows what it published.
+
+Every step that changes the node is recorded *before* it is made (``state`` says how far it
+got), so start-up reconciliation (:meth:`csi.server.volumes.VolumeManager.reconcile`) can finish
+or undo whatever a killed process left half done.
+
+``volumes``: one row per volume id that holds a store lease: staged persistent volumes and
+published ephemeral ones. ``targets``: one row per target path (a bind mount).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS volumes (
+    volume_id    TEXT PRIMARY KEY,
+    kind         TEXT NOT NULL,          -- 'ephemeral' | 'persistent'
+    repository   TEXT NOT NULL,
+    images       TEXT NOT NULL,          -- hex digests, lowest layer first, ','-joined
+    lazy         INTEGER NOT NULL,
+    staging_path TEXT,                   -- persistent volumes: where they were staged
+    state        TEXT NOT NULL,          -- 'staging' | 'ready' | 'unstaging'
+    created      REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS targets (
+    target_path  TEXT PRIMARY KEY,
+    volume_id    TEXT NOT NULL,
+    view_key     TEXT,
+    view_path    TEXT,
+    state        TEXT NOT NULL,          -- 'publishing' | 'published' | 'unpublishing'
+    created      REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS targets_by_volume ON targets(volume_id);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeRecord:
+    volume_id: str
+    kind: str
+    repository: str
+    images: tuple[bytes, ...]
+    lazy: bool
+    staging_path: str | None
+    state: str
+
+    @property
+    def ephemeral(self) -> bool:
+        return self.kind == "ephemeral"
+
+
+@dataclass(frozen=True, slots=True)
+class TargetRecord:
+    target_path: str
+    volume_id: str
+    view_key: str | None
+    view_path: str | None
+    state: str
+
+
+def _volume(row: tuple[object, ...]) -> VolumeRecord:
+    images = str(row[3])
+    return VolumeRecord(
+        volume_id=str(row[0]),
+        kind=str(row[1]),
+        repository=str(row[2]),
+        images=tuple(bytes.fromhex(h) for h in images.split(",") if h),
+        lazy=bool(row[4]),
+        staging_path=None if row[5] is None else str(row[5]),
+        state=str(row[6]),
+    )
+
+
+def _target(row: tuple[object, ...]) -> TargetRecord:
+    return TargetRecord(
+        target_path=str(row[0]),
+        volume_id=str(row[1]),
+        view_key=None if row[2] is None else str(row[2]),
+        view_path=None if row[3] is None else str(row[3]),
+        state=str(row[4]),
+    )
+
+
+class NodeState:
+    """Thread-safe; every write is its own committed transaction."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._mu = threading.Lock()
+        with self._mu:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._mu:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Cursor]:
+        with self._mu:
+            cur = self._db.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                yield cur
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            cur.execute("COMMIT")
+
+    def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        with self._mu:
+            return list(self._db.execute(sql, args).fetchall())
+
+    # -- volumes ---------------------------------------------------------------------------
+
+    def volume(self, volume_id: str) -> VolumeRecord | None:
+        rows = self._query("SELECT * FROM volumes WHERE volume_id = ?", (volume_id,))
+        return _volume(rows[0]) if rows else None
+
+    def volumes(self) -> list[VolumeRecord]:
+        return [_volume(r) for r in self._query("SELECT * FROM volumes ORDER BY created")]
+
+    def put_volume(
+        self,
+        volume_id: str,
+        *,
+        kind: str,
+        repository: str,
+        images: tuple[bytes, ...],
+        lazy: bool,
+        staging_path: str | None,
+        state: str,
+    ) -> None:
+        with self._tx() as cur:
+            cur.execute(
+                "INSERT OR REPLACE INTO volumes VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    volume_id,
+                    kind,
+                    repository,
+                    ",".join(d.hex() for d in images),
+                    int(lazy),
+                    staging_path,
+                    state,
+                    time.time(),
+                ),
+            )
+
+    def set_volume_state(self, volume_id: str, state: str) -> None:
+        with self._tx() as cur:
+            cur.execute("UPDATE volumes SET state = ? WHERE volume_id = ?", (state, volume_id))
+
+    def delete_volume(self, volume_id: str) -> None:
+        with self._tx() as cur:
+            cur.execute("DELETE FROM volumes WHERE volume_id = ?", (volume_id,))
+
+    # -- targets ---------------------------------------------------------------------------
+
+    def target(self, target_path: str) -> TargetRecord | None:
+        rows = self._query("SELECT * FROM targets WHERE target_path = ?", (target_path,))
+        return _target(rows[0]) if rows else None
+
+    def targets(self, volume_id: str | None = None) -> list[TargetRecord]:
+        if volume_id is None:
+            rows = self._query("SELECT * FROM targets ORDER BY created")
+        else:
+            rows = self._query(
+                "SELECT * FROM targets WHERE volume_id = ? ORDER BY created", (volume_id,)
+            )
+        return [_target(r) for r in rows]
+
+    def put_target(self, target_path: str, volume_id: str, state: str) -> None:
+        with self._tx() as cur:
+            cur.execute(
+                "INSERT OR REPLACE INTO targets VALUES (?, ?, NULL, NULL, ?, ?)",
+                (target_path, volume_id, state, time.time()),
+            )
+
+    def set_target_view(self, target_path: str, key: str, path: str) -> None:
+        with self._tx() as cur:
+            cur.execute(
+                "UPDATE targets SET view_key = ?, view_path = ? WHERE target_path = ?",
+                (key, path, target_path),
+            )
+
+    def set_target_state(self, target_path: str, state: str) -> None:
+        with self._tx() as cur:
+            cur.execute("UPDATE targets SET state = ? WHERE target_path = ?", (state, target_path))
+
+    def delete_target(self, target_path: str) -> None:
+        with self._tx() as cur:
+            cur.execute("DELETE FROM targets WHERE target_path = ?", (target_path,))

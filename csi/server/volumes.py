@@ -1,0 +1,498 @@
+"""The node plugin's work, as plain methods the gRPC handlers call: stage, publish, unpublish,
+unstage, stats, and start-up reconciliation.
+
+Holders: the store lease of a volume is held by ``csi-volume:<volume id>`` (staged persistent
+volumes, published ephemeral volumes); the data-plane view mounted at a target is held by
+``csi-target:<target path>``. Every change is recorded in :class:`~csi.server.state.NodeState`
+before it is made, so :meth:`VolumeManager.reconcile` can finish or undo a publish or unpublish
+that a killed process left half done: after a restart every volume is published or cleanly
+absent.
+
+Locks: one per target path and one per volume id, taken without waiting (a concurrent call on
+the same key gets ABORTED); the per-image fetch jobs are shared across volumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from csi.fetch.errors import Unreachable
+from csi.fetch.refs import parse_digest
+from csi.store import Store
+
+from . import attributes as a
+from . import metrics as m
+from . import mounts, volumeid
+from .dataplane import DataPlane, DataPlaneUnavailable, View
+from .errors import CsiError, already_exists, invalid, not_found, precondition
+from .fetcher import Fetcher, FetchJobs
+from .imageinfo import ImageSize, SizeCache
+from .locks import KeyedLocks
+from .state import NodeState, TargetRecord, VolumeRecord
+from .volumeid import PinnedSpec
+
+log = logging.getLogger(__name__)
+
+LEASE_PREFIX = "csi-volume:"
+VIEW_PREFIX = "csi-target:"
+
+
+def lease_holder(volume_id: str) -> str:
+    return LEASE_PREFIX + volume_id
+
+
+def view_holder(target: str) -> str:
+    return VIEW_PREFIX + target
+
+
+def normalize_path(path: str) -> str:
+    if not path.startswith("/"):
+        raise invalid(f"path {path[:200]!r} must be absolute")
+    return os.path.normpath(path)
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeStats:
+    size: ImageSize
+    abnormal: bool
+    message: str
+
+
+@dataclass
+class ReconcileReport:
+    healthy: int = 0
+    repaired: list[str] = field(default_factory=list)
+    cleaned: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    volumes_dropped: list[str] = field(default_factory=list)
+    orphan_views: int = 0
+    orphan_leases: int = 0
+
+
+class VolumeManager:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        dataplane: DataPlane,
+        fetcher: Fetcher,
+        state: NodeState,
+        repositories: Sequence[str],
+        default_repository: str,
+        rpc_wait: float,
+        max_fetch_jobs: int = 8,
+    ) -> None:
+        self.store = store
+        self.dataplane = dataplane
+        self.fetcher = fetcher
+        self.state = state
+        self.repositories = frozenset(repositories)
+        self.default_repository = default_repository
+        self.rpc_wait = rpc_wait
+        self.jobs = FetchJobs(fetcher, is_complete=self._is_complete, max_jobs=max_fetch_jobs)
+        self.sizes = SizeCache()
+        self.target_locks = KeyedLocks("target path")
+        self.volume_locks = KeyedLocks("volume")
+        self._complete: set[bytes] = set()
+        self._complete_mu = threading.Lock()
+        self._update_gauges()
+
+    def close(self) -> None:
+        self.jobs.close()
+
+    def _update_gauges(self) -> None:
+        m.VOLUMES_PUBLISHED.set(sum(1 for t in self.state.targets() if t.state == "published"))
+        m.VOLUMES_STAGED.set(
+            sum(1 for v in self.state.volumes() if not v.ephemeral and v.state == "ready")
+        )
+
+    # -- images ----------------------------------------------------------------------------
+
+    def _is_complete(self, image: bytes, lazy: bool) -> bool:
+        """The image is in the store and (eager) so is every object it references."""
+        if not self.store.has_image(image):
+            with self._complete_mu:
+                self._complete.discard(image)
+            return False
+        if lazy:
+            return True
+        with self._complete_mu:
+            if image in self._complete:
+                return True
+        if self.store.missing_objects(image):
+            return False
+        with self._complete_mu:
+            self._complete.add(image)
+        return True
+
+    def _repository(self, name: str | None) -> str:
+        repo = name or self.default_repository
+        if repo not in self.repositories:
+            raise invalid(
+                f"repository {repo[:128]!r} is not configured on this node "
+                f"(configured: {', '.join(sorted(self.repositories))})"
+            )
+        return repo
+
+    def _resolve(self, repository: str, ref: str) -> bytes:
+        digest = parse_digest(ref)
+        if digest is not None:
+            return digest
+        try:
+            return self.fetcher.resolve(repository, ref)
+        except Unreachable:
+            cached = self.store.get_ref(repository, ref)
+            if cached is None:
+                raise
+            log.warning(
+                "repository %r unreachable: using the last known digest %s of ref %r",
+                repository,
+                cached.hex(),
+                ref,
+            )
+            return cached
+
+    def spec_for(self, volume_id: str, context: Mapping[str, str]) -> PinnedSpec:
+        """What ``volume_id`` serves: from the id itself (provisioned volumes) or from the
+        ``volume_context`` attributes (inline volumes, static PVs), refs resolved."""
+        if volumeid.is_ours(volume_id):
+            try:
+                spec = volumeid.decode(volume_id, context)
+            except ValueError as e:
+                raise not_found(f"volume {volume_id[:200]!r}: {e}") from None
+            if spec.repository not in self.repositories:
+                raise precondition(
+                    f"volume {volume_id!r} uses repository {spec.repository!r}, which is not "
+                    "configured on this node"
+                )
+            return spec
+        vspec = a.parse_volume_attributes(context)
+        repo = self._repository(vspec.repository)
+        images = tuple(self._resolve(repo, r) for r in vspec.refs)
+        return PinnedSpec(repository=repo, images=images, lazy=vspec.lazy)
+
+    def _fetch(self, spec: PinnedSpec) -> bool:
+        """Wait for the images (ABORTED if it takes longer than rpc_wait). True if warm."""
+        return self.jobs.ensure(spec.repository, spec.images, lazy=spec.lazy, wait=self.rpc_wait)
+
+    # -- stage / unstage -------------------------------------------------------------------
+
+    def stage(self, volume_id: str, staging_path: str, context: Mapping[str, str]) -> None:
+        staging = normalize_path(staging_path)
+        with self.volume_locks.hold(volume_id):
+            vol = self.state.volume(volume_id)
+            if vol is not None and vol.state == "ready":
+                if vol.ephemeral:
+                    raise precondition(f"volume {volume_id!r} is an ephemeral volume")
+                if vol.staging_path != staging:
+                    raise precondition(
+                        f"volume {volume_id!r} is already staged at {vol.staging_path!r}"
+                    )
+                return
+            spec = self.spec_for(volume_id, context)
+            t0 = time.monotonic()
+            self.state.put_volume(
+                volume_id,
+                kind="persistent",
+                repository=spec.repository,
+                images=spec.images,
+                lazy=spec.lazy,
+                staging_path=staging,
+                state="staging",
+            )
+            try:
+                self.store.lease(lease_holder(volume_id), spec.images)
+                warm = self._fetch(spec)
+            except BaseException:
+                self._drop_volume(volume_id)
+                raise
+            self.state.set_volume_state(volume_id, "ready")
+            m.PUBLISH_DURATION.labels(spec_mode(spec), "warm" if warm else "cold").observe(
+                time.monotonic() - t0
+            )
+            self._update_gauges()
+
+    def unstage(self, volume_id: str, staging_path: str) -> None:
+        staging = normalize_path(staging_path)
+        with self.volume_locks.hold(volume_id):
+            vol = self.state.volume(volume_id)
+            if vol is None or vol.ephemeral or vol.staging_path != staging:
+                return  # not staged there: nothing to do (idempotent)
+            busy = [t.target_path for t in self.state.targets(volume_id)]
+            if busy:
+                raise precondition(
+                    f"volume {volume_id!r} is still published at {', '.join(busy[:5])}"
+                )
+            self.state.set_volume_state(volume_id, "unstaging")
+            self._drop_volume(volume_id)
+            self._update_gauges()
+
+    def _drop_volume(self, volume_id: str) -> None:
+        self.store.release(lease_holder(volume_id))
+        self.state.delete_volume(volume_id)
+
+    # -- publish / unpublish ---------------------------------------------------------------
+
+    def publish(
+        self,
+        volume_id: str,
+        target_path: str,
+        staging_path: str,
+        context: Mapping[str, str],
+    ) -> None:
+        target = normalize_path(target_path)
+        ephemeral = a.pod_info(context).ephemeral or (
+            not staging_path and not volumeid.is_ours(volume_id)
+        )
+        with self.target_locks.hold(target), self.volume_locks.hold(volume_id):
+            existing = self.state.target(target)
+            if existing is not None:
+                if existing.volume_id != volume_id:
+                    raise already_exists(
+                        f"target {target!r} already has volume {existing.volume_id!r} published"
+                    )
+                if existing.state == "published":
+                    self._ensure_healthy(existing)
+                    return
+                self._undo_target(existing)  # a failed earlier attempt: start over
+            t0 = time.monotonic()
+            warm = True
+            if ephemeral:
+                vol = self.state.volume(volume_id)
+                if vol is not None and vol.state == "ready":
+                    spec = PinnedSpec(vol.repository, vol.images, vol.lazy)
+                else:
+                    spec = self.spec_for(volume_id, context)
+                    warm = self._acquire_ephemeral(volume_id, spec)
+            else:
+                if not staging_path:
+                    raise precondition(
+                        "staging_target_path missing: this plugin stages persistent volumes "
+                        "(NodeStageVolume) before publishing them"
+                    )
+                staging = normalize_path(staging_path)
+                vol = self.state.volume(volume_id)
+                if vol is None or vol.state != "ready" or vol.staging_path != staging:
+                    raise precondition(f"volume {volume_id!r} is not staged at {staging!r}")
+                spec = PinnedSpec(vol.repository, vol.images, vol.lazy)
+            try:
+                self._mount_target(volume_id, target, spec)
+            except BaseException:
+                if ephemeral:
+                    self._maybe_drop_ephemeral(volume_id)
+                raise
+            m.PUBLISH_DURATION.labels(spec_mode(spec), "warm" if warm else "cold").observe(
+                time.monotonic() - t0
+            )
+            self._update_gauges()
+
+    def _acquire_ephemeral(self, volume_id: str, spec: PinnedSpec) -> bool:
+        self.state.put_volume(
+            volume_id,
+            kind="ephemeral",
+            repository=spec.repository,
+            images=spec.images,
+            lazy=spec.lazy,
+            staging_path=None,
+            state="staging",
+        )
+        try:
+            self.store.lease(lease_holder(volume_id), spec.images)
+            warm = self._fetch(spec)
+        except BaseException:
+            self._maybe_drop_ephemeral(volume_id)
+            raise
+        self.state.set_volume_state(volume_id, "ready")
+        return warm
+
+    def _maybe_drop_ephemeral(self, volume_id: str) -> None:
+        vol = self.state.volume(volume_id)
+        if vol is not None and vol.ephemeral and not self.state.targets(volume_id):
+            self._drop_volume(volume_id)
+
+    def _add_view(self, spec: PinnedSpec, target: str) -> View:
+        try:
+            return self.dataplane.add_view(
+                spec.images, view_holder(target), lazy=spec.lazy, repository=spec.repository
+            )
+        except DataPlaneUnavailable as e:
+            raise CsiError(grpc.StatusCode.UNAVAILABLE, str(e)) from e
+
+    def _mount_target(self, volume_id: str, target: str, spec: PinnedSpec) -> None:
+        self.state.put_target(target, volume_id, "publishing")
+        try:
+            view = self._add_view(spec, target)
+            self.state.set_target_view(target, view.key, str(view.path))
+            self._clear_target(target)
+            mounts.ensure_dir(Path(target))
+            mounts.bind_mount_ro(view.path, target)
+            self.state.set_target_state(target, "published")
+        except BaseException:
+            rec = self.state.target(target)
+            if rec is not None:
+                self._undo_target(rec)
+            raise
+
+    def _clear_target(self, target: str) -> None:
+        """Unmount whatever a lost record left at ``target`` (broken mounts included)."""
+        if mounts.mounts_at(target):
+            mounts.unmount_all(target)
+
+    def _undo_target(self, rec: TargetRecord) -> None:
+        """Unmount, remove the directory, drop the view hold, forget the target."""
+        self.state.set_target_state(rec.target_path, "unpublishing")
+        mounts.unmount_all(rec.target_path)
+        with contextlib.suppress(OSError):
+            mounts.remove_dir(rec.target_path)
+        if rec.view_key is not None:
+            try:
+                self.dataplane.remove_view(rec.view_key, view_holder(rec.target_path))
+            except DataPlaneUnavailable as e:
+                # The hold is dropped at the next reconciliation (orphan holders).
+                log.warning("could not release view %s: %s", rec.view_key, e)
+        self.state.delete_target(rec.target_path)
+
+    def _ensure_healthy(self, rec: TargetRecord) -> None:
+        """A published target asked again: repair it if its mount is gone or broken."""
+        if mounts.mounts_at(rec.target_path) and mounts.probe(rec.target_path) == 0:
+            return
+        vol = self.state.volume(rec.volume_id)
+        if vol is None:
+            raise not_found(f"volume {rec.volume_id!r} has no record on this node")
+        self._repair(rec, vol)
+
+    def _repair(self, rec: TargetRecord, vol: VolumeRecord) -> None:
+        spec = PinnedSpec(vol.repository, vol.images, vol.lazy)
+        view = self._add_view(spec, rec.target_path)
+        self.state.set_target_view(rec.target_path, view.key, str(view.path))
+        mounts.unmount_all(rec.target_path)
+        mounts.ensure_dir(Path(rec.target_path))
+        mounts.bind_mount_ro(view.path, rec.target_path)
+        m.MOUNTS_REPAIRED.inc()
+        log.info("repaired the mount of volume %s at %s", rec.volume_id, rec.target_path)
+
+    def unpublish(self, volume_id: str, target_path: str) -> None:
+        target = normalize_path(target_path)
+        with self.target_locks.hold(target), self.volume_locks.hold(volume_id):
+            rec = self.state.target(target)
+            if rec is None:
+                self._unpublish_unknown(target)
+                return
+            if rec.volume_id != volume_id:
+                raise not_found(
+                    f"volume {volume_id!r} is not published at {target!r} "
+                    f"(volume {rec.volume_id!r} is)"
+                )
+            self._undo_target(rec)
+            self._maybe_drop_ephemeral(volume_id)
+            self._update_gauges()
+
+    def _unpublish_unknown(self, target: str) -> None:
+        """No record: remove a broken or leftover mount of ours and the directory, if any."""
+        for mi in mounts.mounts_at(target):
+            if mounts.is_broken(target) or mi.fstype.startswith("fuse.composefs"):
+                mounts.unmount(target, lazy=True)
+        if not mounts.mounts_at(target):
+            with contextlib.suppress(OSError):
+                mounts.remove_dir(target)
+
+    # -- stats -----------------------------------------------------------------------------
+
+    def stats(self, volume_id: str, volume_path: str) -> VolumeStats:
+        path = normalize_path(volume_path)
+        vol = self.state.volume(volume_id)
+        rec = self.state.target(path)
+        is_target = rec is not None and rec.volume_id == volume_id and rec.state == "published"
+        is_staging = vol is not None and vol.staging_path == path and vol.state == "ready"
+        if vol is None or not (is_target or is_staging):
+            raise not_found(f"volume {volume_id!r} is not published or staged at {path!r}")
+        problems: list[str] = []
+        images = [(d, self.store.image_path(d)) for d in vol.images]
+        size = ImageSize(0, 0)
+        missing_images = [d for d in vol.images if not self.store.has_image(d)]
+        if missing_images:
+            problems.append(f"{len(missing_images)} image(s) missing from the store")
+        else:
+            try:
+                size = self.sizes.total(images)
+            except (OSError, ValueError) as e:
+                problems.append(f"image unreadable: {e}")
+            if not vol.lazy:
+                missing = sum(len(self.store.missing_objects(d)) for d in vol.images)
+                if missing:
+                    problems.append(f"{missing} object(s) missing from the store")
+        if is_target:
+            err = mounts.probe(path)
+            if err:
+                problems.append(f"mount broken: {os.strerror(err)} ({errno.errorcode.get(err)})")
+            elif not mounts.mounts_at(path):
+                problems.append("not mounted")
+        return VolumeStats(size, bool(problems), "; ".join(problems) or "ok")
+
+    # -- reconciliation --------------------------------------------------------------------
+
+    def reconcile(self) -> ReconcileReport:
+        """Make the node agree with the record (run at start, before serving)."""
+        rep = ReconcileReport()
+        for rec in self.state.targets():
+            vol = self.state.volume(rec.volume_id)
+            if rec.state != "published" or vol is None:
+                try:
+                    self._undo_target(rec)
+                    rep.cleaned.append(rec.target_path)
+                    m.MOUNTS_CLEANED.inc()
+                except OSError as e:
+                    rep.failed.append(f"{rec.target_path}: {e}")
+                continue
+            if mounts.mounts_at(rec.target_path) and mounts.probe(rec.target_path) == 0:
+                rep.healthy += 1
+                continue
+            try:
+                self._repair(rec, vol)
+                rep.repaired.append(rec.target_path)
+            except (OSError, CsiError, DataPlaneUnavailable) as e:
+                rep.failed.append(f"{rec.target_path}: {e}")
+                log.error("cannot repair volume %s at %s: %s", rec.volume_id, rec.target_path, e)
+        for vol in self.state.volumes():
+            if vol.state != "ready" or (vol.ephemeral and not self.state.targets(vol.volume_id)):
+                self._drop_volume(vol.volume_id)
+                rep.volumes_dropped.append(vol.volume_id)
+            else:
+                self.store.lease(lease_holder(vol.volume_id), vol.images)
+        self._drop_orphans(rep)
+        self._update_gauges()
+        return rep
+
+    def _drop_orphans(self, rep: ReconcileReport) -> None:
+        targets = {view_holder(t.target_path): t for t in self.state.targets()}
+        try:
+            holders = self.dataplane.holders()
+        except DataPlaneUnavailable as e:
+            log.warning("cannot list data plane views: %s", e)
+            holders = {}
+        for key, hs in holders.items():
+            for h in hs:
+                rec = targets.get(h)
+                if h.startswith(VIEW_PREFIX) and (rec is None or rec.view_key != key):
+                    with contextlib.suppress(DataPlaneUnavailable):
+                        self.dataplane.remove_view(key, h)
+                        rep.orphan_views += 1
+        volumes = {lease_holder(v.volume_id) for v in self.state.volumes()}
+        for holder in self.store.leases():
+            if holder.startswith(LEASE_PREFIX) and holder not in volumes:
+                self.store.release(holder)
+                rep.orphan_leases += 1
+
+
+def spec_mode(spec: PinnedSpec) -> str:
+    return "lazy" if spec.lazy else "eager"

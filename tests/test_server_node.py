@@ -1,0 +1,411 @@
+"""Kubelet-like tests of the node plugin over its real Unix socket with a real gRPC client, the
+real FUSE data plane (a subprocess) and images in a local repository."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from csi.fetch.progress import FetchProgress
+from csi.server import build_node
+from csi.server.dataplane import FuseDataPlane
+from csi.server.fetcher import RepositoryFetcher
+from csi.server.imageinfo import measure
+from csi.server.mounts import mounts_at, unmount
+from csi.server.proto import csi_pb2 as pb
+from tests._serverkit import (
+    MOUNT_CAP,
+    POD_INFO,
+    DataPlaneProcess,
+    RepoImage,
+    Stubs,
+    code_of,
+    driver_config,
+    fuse_problem,
+    make_repo,
+    mounts_under,
+    publish_request,
+)
+from tests.support.snapshot import diff_snapshots, snapshot
+
+pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
+
+OK = grpc.StatusCode.OK
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[RepoImage]]:
+    problem = fuse_problem()
+    if problem:
+        pytest.skip(problem)
+    root = tmp_path_factory.mktemp("repo")
+    return root / "repo", make_repo(root, 3)
+
+
+class Node:
+    def __init__(self, work: Path, repo: Path, fetcher: Any = None, rpc_wait: float = 60) -> None:
+        self.work = work
+        self.repo = repo
+        self.config, self.config_path = driver_config(work, {"local": str(repo)}, rpc_wait=rpc_wait)
+        (work / "store").mkdir()
+        self.dataplane = DataPlaneProcess(work, work / "store", {"local": str(repo)}).start()
+        self.fetcher = fetcher
+        self.socket = work / "csi" / "csi.sock"
+        self.plugin = self._build()
+        self.stubs = Stubs(self.socket)
+        self.pods = work / "pods"
+        self.pods.mkdir()
+
+    def _build(self) -> Any:
+        return build_node(
+            self.config,
+            f"unix://{self.socket}",
+            "node-1",
+            dataplane=FuseDataPlane(self.dataplane.socket),
+            fetcher=self.fetcher,
+        )
+
+    def restart(self) -> None:
+        self.stubs.close()
+        self.plugin.stop()
+        self.plugin = self._build()
+        self.stubs = Stubs(self.socket)
+
+    def target(self, name: str) -> Path:
+        d = self.pods / name / "volumes"
+        d.mkdir(parents=True, exist_ok=True)
+        return d / "mount"
+
+    def close(self) -> None:
+        self.stubs.close()
+        self.plugin.stop()
+        self.dataplane.stop()
+
+
+@pytest.fixture
+def node(tmp_path: Path, images: tuple[Path, list[RepoImage]]) -> Iterator[Node]:
+    n = Node(tmp_path, images[0])
+    try:
+        yield n
+    finally:
+        n.close()
+        leaked = mounts_under(tmp_path / "pods")
+        for m in leaked:
+            unmount(m, lazy=True)
+    assert leaked == []
+
+
+def assert_same_tree(mounted: Path, source: Path) -> None:
+    diff = diff_snapshots(snapshot(source), snapshot(mounted))
+    assert diff == [], "\n".join(diff[:20])
+
+
+def our_leases(node: Node) -> dict[str, set[bytes]]:
+    return {h: i for h, i in node.plugin.store.leases().items() if h.startswith("csi-volume:")}
+
+
+def test_identity(node: Node, images: tuple[Path, list[RepoImage]]) -> None:
+    info = node.stubs.identity.GetPluginInfo(pb.GetPluginInfoRequest())
+    assert info.name == "csi.composefs.io"
+    assert info.vendor_version
+    caps = node.stubs.identity.GetPluginCapabilities(pb.GetPluginCapabilitiesRequest())
+    assert list(caps.capabilities) == []  # the node plugin serves no controller
+    probe = node.stubs.identity.Probe(pb.ProbeRequest())
+    assert probe.ready.value is True
+    node.dataplane.stop()
+    with pytest.raises(grpc.RpcError) as e:
+        node.stubs.identity.Probe(pb.ProbeRequest())
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "data plane" in (e.value.details() or "")
+
+
+def test_info_and_capabilities(node: Node) -> None:
+    info = node.stubs.node.NodeGetInfo(pb.NodeGetInfoRequest())
+    assert info.node_id == "node-1"
+    caps = node.stubs.node.NodeGetCapabilities(pb.NodeGetCapabilitiesRequest())
+    types = {c.rpc.type for c in caps.capabilities}
+    rpc = pb.NodeServiceCapability.RPC
+    assert types == {rpc.STAGE_UNSTAGE_VOLUME, rpc.GET_VOLUME_STATS, rpc.VOLUME_CONDITION}
+
+
+def test_ephemeral_publish_unpublish(node: Node, images: tuple[Path, list[RepoImage]]) -> None:
+    img = images[1][0]
+    target = node.target("pod-a")
+    context = {**POD_INFO, "image": img.name, "repository": "local"}
+    req = publish_request("csi-3f2a9c", target, context)
+    for _ in range(2):  # idempotent
+        node.stubs.node.NodePublishVolume(req)
+    assert_same_tree(target, img.source)
+    (mnt,) = mounts_at(target)
+    assert {"ro", "nosuid", "nodev"} <= mnt.options
+    with pytest.raises(OSError) as e:
+        (target / "new-file").write_text("x")
+    assert e.value.errno == errno.EROFS
+    assert our_leases(node) == {"csi-volume:csi-3f2a9c": {img.digest}}
+
+    stats = node.stubs.node.NodeGetVolumeStats(
+        pb.NodeGetVolumeStatsRequest(volume_id="csi-3f2a9c", volume_path=str(target))
+    )
+    want = measure(node.plugin.store.image_path(img.digest))
+    usage = {u.unit: u for u in stats.usage}
+    assert usage[pb.VolumeUsage.BYTES].used == want.bytes
+    source_bytes = sum(
+        st.st_size
+        for p in img.source.rglob("*")
+        if (st := p.lstat()) and p.is_file() and not p.is_symlink()
+    )
+    # hard links count once in the image; the sum over names counts them again
+    assert 0 < usage[pb.VolumeUsage.BYTES].used <= source_bytes
+    assert usage[pb.VolumeUsage.INODES].used == want.inodes
+    assert stats.volume_condition.abnormal is False
+
+    unpub = pb.NodeUnpublishVolumeRequest(volume_id="csi-3f2a9c", target_path=str(target))
+    for _ in range(2):
+        node.stubs.node.NodeUnpublishVolume(unpub)
+    assert not target.exists()
+    assert mounts_under(node.pods) == []
+    assert our_leases(node) == {}
+    assert node.plugin.manager.dataplane.holders() == {}
+
+
+def test_digest_ref_layers_and_lazy(node: Node, images: tuple[Path, list[RepoImage]]) -> None:
+    a, b, c = images[1]
+    # lazy: objects are fetched by the data plane on first read
+    t1 = node.target("lazy")
+    ctx = {**POD_INFO, "image": c.ref, "fetch": "lazy"}
+    node.stubs.node.NodePublishVolume(publish_request("v-lazy", t1, ctx))
+    assert node.plugin.store.missing_objects(c.digest)  # not fetched by the publish
+    assert_same_tree(t1, c.source)
+    # layers: two images composed, the upper one's files win
+    t2 = node.target("layers")
+    ctx = {**POD_INFO, "layers": f"{a.name},{b.ref}"}
+    node.stubs.node.NodePublishVolume(publish_request("v-layers", t2, ctx))
+    upper = snapshot(b.source)
+    merged = snapshot(t2)
+    for path, entry in upper.items():
+        if path != "/" and entry.type != "dir":
+            assert merged[path].sha256 == entry.sha256, path
+    for vid, t in (("v-lazy", t1), ("v-layers", t2)):
+        node.stubs.node.NodeUnpublishVolume(
+            pb.NodeUnpublishVolumeRequest(volume_id=vid, target_path=str(t))
+        )
+    assert our_leases(node) == {}
+
+
+def test_missing_fields_and_errors(node: Node, images: tuple[Path, list[RepoImage]]) -> None:
+    img = images[1][0]
+    n = node.stubs.node
+    t = node.target("errs")
+    ctx = {**POD_INFO, "image": img.name}
+    cases: list[tuple[Any, Any, grpc.StatusCode]] = [
+        (n.NodePublishVolume, publish_request("", t, ctx), INVALID),
+        (n.NodePublishVolume, publish_request("v", Path(""), ctx), INVALID),
+        (
+            n.NodePublishVolume,
+            pb.NodePublishVolumeRequest(volume_id="v", target_path=str(t), volume_context=ctx),
+            INVALID,
+        ),
+        (
+            n.NodePublishVolume,
+            pb.NodePublishVolumeRequest(
+                volume_id="v",
+                target_path=str(t),
+                volume_context=ctx,
+                volume_capability=pb.VolumeCapability(
+                    block=pb.VolumeCapability.BlockVolume(),
+                    access_mode=MOUNT_CAP.access_mode,
+                ),
+            ),
+            INVALID,
+        ),
+        (n.NodePublishVolume, publish_request("v", t, {**POD_INFO}), INVALID),
+        (n.NodePublishVolume, publish_request("v", t, {**ctx, "imgae": "x"}), INVALID),
+        (n.NodePublishVolume, publish_request("v", t, {**ctx, "repository": "nope"}), INVALID),
+        (n.NodePublishVolume, publish_request("v", t, {**ctx, "fetch": "sometimes"}), INVALID),
+        (n.NodePublishVolume, publish_request("v", t, {**ctx, "image": "../x"}), INVALID),
+        (
+            n.NodePublishVolume,
+            publish_request("v", t, {**ctx, "image": "no-such-ref"}),
+            grpc.StatusCode.NOT_FOUND,
+        ),
+        (
+            n.NodePublishVolume,
+            publish_request("v", t, {**ctx, "image": "sha256:" + "ab" * 32}),
+            grpc.StatusCode.NOT_FOUND,
+        ),
+        # persistent volume without NodeStageVolume first
+        (
+            n.NodePublishVolume,
+            publish_request("static-pv", t, {"image": img.name}, staging=str(node.work / "st")),
+            grpc.StatusCode.FAILED_PRECONDITION,
+        ),
+        (n.NodeUnpublishVolume, pb.NodeUnpublishVolumeRequest(target_path=str(t)), INVALID),
+        (n.NodeUnpublishVolume, pb.NodeUnpublishVolumeRequest(volume_id="v"), INVALID),
+        (
+            n.NodeUnpublishVolume,
+            pb.NodeUnpublishVolumeRequest(volume_id="never", target_path=str(t)),
+            OK,
+        ),
+        (
+            n.NodeStageVolume,
+            pb.NodeStageVolumeRequest(staging_target_path="/s", volume_capability=MOUNT_CAP),
+            INVALID,
+        ),
+        (
+            n.NodeStageVolume,
+            pb.NodeStageVolumeRequest(volume_id="v", volume_capability=MOUNT_CAP),
+            INVALID,
+        ),
+        (
+            n.NodeStageVolume,
+            pb.NodeStageVolumeRequest(volume_id="v", staging_target_path="/s"),
+            INVALID,
+        ),
+        (
+            n.NodeStageVolume,
+            pb.NodeStageVolumeRequest(
+                volume_id="cfs1:aaaaaaaa:e:local:bad",
+                staging_target_path="/s",
+                volume_capability=MOUNT_CAP,
+            ),
+            grpc.StatusCode.NOT_FOUND,
+        ),
+        (n.NodeUnstageVolume, pb.NodeUnstageVolumeRequest(staging_target_path="/s"), INVALID),
+        (n.NodeUnstageVolume, pb.NodeUnstageVolumeRequest(volume_id="v"), INVALID),
+        (
+            n.NodeUnstageVolume,
+            pb.NodeUnstageVolumeRequest(volume_id="v", staging_target_path="/s"),
+            OK,
+        ),
+        (n.NodeGetVolumeStats, pb.NodeGetVolumeStatsRequest(volume_path=str(t)), INVALID),
+        (n.NodeGetVolumeStats, pb.NodeGetVolumeStatsRequest(volume_id="v"), INVALID),
+        (
+            n.NodeGetVolumeStats,
+            pb.NodeGetVolumeStatsRequest(volume_id="v", volume_path=str(t)),
+            grpc.StatusCode.NOT_FOUND,
+        ),
+        (
+            n.NodeExpandVolume,
+            pb.NodeExpandVolumeRequest(volume_id="v"),
+            grpc.StatusCode.UNIMPLEMENTED,
+        ),
+    ]
+    for fn, req, want in cases:
+        for _ in range(2):  # the same answer every time
+            assert code_of(fn, req) == want, (fn, req)
+    assert not t.exists()
+    assert mounts_under(node.pods) == []
+    assert our_leases(node) == {}
+    # another volume on a published target
+    node.stubs.node.NodePublishVolume(publish_request("v1", t, ctx))
+    assert (
+        code_of(n.NodePublishVolume, publish_request("v2", t, ctx))
+        == grpc.StatusCode.ALREADY_EXISTS
+    )
+    assert (
+        code_of(
+            n.NodeUnpublishVolume, pb.NodeUnpublishVolumeRequest(volume_id="v2", target_path=str(t))
+        )
+        == grpc.StatusCode.NOT_FOUND
+    )
+    node.stubs.node.NodeUnpublishVolume(
+        pb.NodeUnpublishVolumeRequest(volume_id="v1", target_path=str(t))
+    )
+
+
+class GatedFetcher(RepositoryFetcher):
+    """Counts fetches and holds each one until ``gate`` is set."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.gate = threading.Event()
+        self.calls: list[bytes] = []
+
+    def fetch(self, repository: str, image: bytes, *, lazy: bool, progress: FetchProgress) -> None:
+        self.calls.append(image)
+        assert self.gate.wait(60)
+        super().fetch(repository, image, lazy=lazy, progress=progress)
+
+
+def test_slow_fetch_continues_in_background(
+    tmp_path: Path, images: tuple[Path, list[RepoImage]]
+) -> None:
+    from csi.config import config_from_dict
+    from csi.store import Store
+
+    repo, imgs = images
+    img = imgs[2]
+    holder: dict[str, Any] = {}
+
+    class LateFetcher:
+        """Built once the store exists (the plugin opens it)."""
+
+        def resolve(self, repository: str, ref: str) -> bytes:
+            return holder["f"].resolve(repository, ref)  # type: ignore[no-any-return]
+
+        def fetch(
+            self, repository: str, image: bytes, *, lazy: bool, progress: FetchProgress
+        ) -> None:
+            holder["f"].fetch(repository, image, lazy=lazy, progress=progress)
+
+    node = Node(tmp_path, repo, fetcher=LateFetcher(), rpc_wait=1)
+    try:
+        gated = GatedFetcher(node.config.repositories, node.plugin.store)
+        holder["f"] = gated
+        t = node.target("slow")
+        req = publish_request("v-slow", t, {**POD_INFO, "image": img.ref})
+        for _ in range(3):  # kubelet retries: each joins the running fetch
+            with pytest.raises(grpc.RpcError) as e:
+                node.stubs.node.NodePublishVolume(req)
+            assert e.value.code() == grpc.StatusCode.ABORTED
+            assert "in progress" in (e.value.details() or "")
+            assert not t.exists()
+        assert gated.calls == [img.digest]
+        gated.gate.set()
+        for _ in range(100):
+            if code_of(node.stubs.node.NodePublishVolume, req) == OK:
+                break
+        assert gated.calls == [img.digest]  # never started over
+        assert_same_tree(t, img.source)
+        node.stubs.node.NodeUnpublishVolume(
+            pb.NodeUnpublishVolumeRequest(volume_id="v-slow", target_path=str(t))
+        )
+    finally:
+        node.close()
+    del config_from_dict, Store
+
+
+def test_dead_data_plane_is_repaired(node: Node, images: tuple[Path, list[RepoImage]]) -> None:
+    img = images[1][0]
+    t = node.target("repair")
+    node.stubs.node.NodePublishVolume(publish_request("v-r", t, {**POD_INFO, "image": img.ref}))
+    node.dataplane.kill()
+    with pytest.raises(OSError) as e:
+        os.listdir(t)
+    assert e.value.errno == errno.ENOTCONN
+    stats = node.stubs.node.NodeGetVolumeStats(
+        pb.NodeGetVolumeStatsRequest(volume_id="v-r", volume_path=str(t))
+    )
+    assert stats.volume_condition.abnormal is True
+    assert "broken" in stats.volume_condition.message
+    node.dataplane.start()
+    node.restart()  # reconciliation re-adds the view and mounts it again
+    assert node.plugin.reconcile_report.repaired == [str(t)]
+    assert_same_tree(t, img.source)
+    # a publish retried by kubelet also repairs (without a restart)
+    node.dataplane.kill()
+    node.dataplane.start()
+    node.stubs.node.NodePublishVolume(publish_request("v-r", t, {**POD_INFO, "image": img.ref}))
+    assert_same_tree(t, img.source)
+    node.stubs.node.NodeUnpublishVolume(
+        pb.NodeUnpublishVolumeRequest(volume_id="v-r", target_path=str(t))
+    )
+    assert not t.exists()
