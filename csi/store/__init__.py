@@ -1,0 +1,26 @@
+"""The per-node content store (BRIEF §2.3): a repository plus SQLite state and a temp area."""
+
+from .admin import fsck_store, gc_store
+from .errors import DigestMismatch, ImageRejected, StoreError, StoreFull
+from .reports import FsckReport, GcReport, RecoveryReport, StoreUsage
+from .store import Fill, ImageParser, Kind, Store, default_image_parser
+from .writer import ObjectWriter
+
+__all__ = [
+    "DigestMismatch",
+    "Fill",
+    "FsckReport",
+    "GcReport",
+    "ImageParser",
+    "ImageRejected",
+    "Kind",
+    "ObjectWriter",
+    "RecoveryReport",
+    "Store",
+    "StoreError",
+    "StoreFull",
+    "StoreUsage",
+    "default_image_parser",
+    "fsck_store",
+    "gc_store",
+]

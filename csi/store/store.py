@@ -1,0 +1,632 @@
+"""The per-node store (BRIEF §2.3): a repository plus SQLite state and a temp area.
+
+Concurrency model:
+
+* ``ensure`` is single-flight: in-process, one thread per digest runs ``fill`` while the others
+  wait on an event; across processes, a per-digest lock file in the temp area does the same.
+* The store directory itself is ``flock``'d: shared while a file is published and recorded
+  (and while leases and pins change), exclusive for GC, fsck repairs and start-up recovery.
+  ``fill`` runs outside that lock: its temp file is invisible to GC.
+* Lock order: per-digest lock, then the store lock, then the in-process DB mutex. GC takes
+  only the store lock, so it can run from inside ``ensure`` (to make room) without deadlock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+from csi.image.fsverity import digest_bytes, digest_file
+from csi.repo import layout
+from csi.repo.repository import Progress, Repository
+from csi.repo.tmpfiles import TempFile, pid_alive
+from csi.repo.verity import UNSUPPORTED_ERRNOS, enable_verity
+
+from . import metrics as m
+from .db import StateDB
+from .errors import DigestMismatch, ImageRejected, StoreError, StoreFull
+from .gcplan import plan_gc
+from .reports import FsckReport, GcReport, RecoveryReport, StoreUsage, human_bytes
+from .writer import NO_SPACE_ERRNOS, ObjectWriter
+
+Kind = Literal["object", "image"]
+Fill = Callable[[ObjectWriter], None]
+#: Turns image bytes into the set of object digests it references; raises on bad images.
+ImageParser = Callable[[bytes], set[bytes]]
+
+STATE_DB = "state.db"
+QUARANTINE_DIR = "quarantine"
+_READ_CHUNK = 1 << 20
+#: Extra room asked of GC beyond the object's own size when the disk is full.
+_ROOM_SLACK = 1 << 20
+
+
+def default_image_parser(data: bytes) -> set[bytes]:
+    """Validate with :class:`csi.image.reader.Image` and list the objects it references."""
+    reader: Any = importlib.import_module("csi.image.reader")
+    errors: Any = importlib.import_module("csi.image.errors")
+    try:
+        img = reader.Image(data)
+        img.validate()
+        return {bytes(d) for d in img.object_digests()}
+    except errors.FormatError as e:
+        raise ImageRejected(f"not a valid composefs image: {e}") from e
+
+
+class _Flight:
+    __slots__ = ("done",)
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+
+
+def _is_no_space(e: BaseException) -> bool:
+    if isinstance(e, StoreFull):
+        return True
+    if isinstance(e, OSError) and e.errno in NO_SPACE_ERRNOS:
+        return True
+    return isinstance(e, sqlite3.OperationalError) and "full" in str(e)
+
+
+class Store:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        size_cap: int | None = None,
+        high_watermark: float = 0.9,
+        low_watermark: float = 0.8,
+        image_parser: ImageParser | None = None,
+        enable_fsverity: bool = True,
+    ) -> None:
+        if not 0 < low_watermark <= high_watermark <= 1:
+            raise ValueError("watermarks must satisfy 0 < low <= high <= 1")
+        if size_cap is not None and size_cap <= 0:
+            raise ValueError("size_cap must be positive")
+        self.root = Path(root)
+        self.repo = Repository(self.root, create=True)
+        if self.repo.read_only:
+            raise StoreError(f"{self.root}: a read-only repository cannot be used as a store")
+        self.size_cap = size_cap
+        self.high_watermark = high_watermark
+        self.low_watermark = low_watermark
+        self._parse = image_parser or default_image_parser
+        self._verity_supported: bool | None = None if enable_fsverity else False
+        self._flights: dict[bytes, _Flight] = {}
+        self._flights_mu = threading.Lock()
+        self._gc_mu = threading.Lock()
+        self._gc_floor = -1  # store bytes after the last capacity GC
+        (self.root / QUARANTINE_DIR).mkdir(mode=0o700, exist_ok=True)
+        self.repo.tmp.ensure_dirs()
+        self.db = StateDB(self.root / STATE_DB)
+        self._closed = False
+        self.recovery = self._recover()
+        self._update_gauges()
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _lock(self, exclusive: bool) -> Iterator[None]:
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _update_gauges(self) -> None:
+        u = self.usage()
+        m.STORE_BYTES.set(u.bytes)
+        m.STORE_OBJECTS.set(u.files)
+        m.STORE_IMAGES.set(u.images)
+        m.LEASES.set(u.lease_holders)
+        m.LEASED_IMAGES.set(u.leased_images)
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def has_object(self, digest: bytes) -> bool:
+        return self.repo.has_object(digest)
+
+    def object_path(self, digest: bytes) -> Path:
+        return self.repo.object_path(digest)
+
+    def image_path(self, digest: bytes) -> Path:
+        return self.repo.image_path(digest)
+
+    def has_image(self, digest: bytes) -> bool:
+        return self.db.is_image(digest) and self.repo.has_object(digest)
+
+    def image_objects(self, image: bytes) -> set[bytes]:
+        layout.check_digest(image)
+        if not self.db.is_image(image):
+            raise StoreError(f"image {image.hex()} is not in the store at {self.root}")
+        return self.db.image_objects(image)
+
+    def missing_objects(self, image: bytes) -> set[bytes]:
+        return {d for d in self.image_objects(image) if not self.repo.has_object(d)}
+
+    def usage(self) -> StoreUsage:
+        total, files = self.db.totals()
+        q = self.db.query
+        return StoreUsage(
+            bytes=total,
+            files=files,
+            images=q("SELECT count(*) FROM images")[0][0],
+            lease_holders=q("SELECT count(DISTINCT holder) FROM leases")[0][0],
+            leased_images=q("SELECT count(DISTINCT image) FROM leases")[0][0],
+            pinned_images=q("SELECT count(DISTINCT image) FROM pins")[0][0],
+            verity_files=q("SELECT count(*) FROM objects WHERE verity")[0][0],
+            size_cap=self.size_cap,
+        )
+
+    # -- insertion -------------------------------------------------------------------------
+
+    def ensure(
+        self,
+        digest: bytes,
+        fill: Fill,
+        *,
+        kind: Kind = "object",
+        size_hint: int | None = None,
+    ) -> bool:
+        """Make ``digest`` present, running ``fill`` at most once at a time for it.
+
+        Returns True if this call stored it, False if it was already there (or another
+        caller stored it meanwhile). ``fill`` exceptions propagate to this caller, nothing
+        is stored, and a waiting caller retries with its own ``fill``.
+        """
+        layout.check_digest(digest)
+        if kind not in ("object", "image"):
+            raise ValueError(f"kind must be 'object' or 'image', not {kind!r}")
+        return self._ensure(digest, fill, kind, size_hint, None)
+
+    def _present(self, digest: bytes, kind: Kind) -> bool:
+        if not self.repo.has_object(digest):
+            return False
+        if kind == "image" and not self.db.is_image(digest):
+            self._adopt_image(digest)
+        m.DEDUP_HITS.inc()
+        return True
+
+    def _ensure(
+        self,
+        digest: bytes,
+        fill: Fill,
+        kind: Kind,
+        size_hint: int | None,
+        refs: set[bytes] | None,
+    ) -> bool:
+        if self._present(digest, kind):
+            return False
+        while True:
+            with self._flights_mu:
+                flight = self._flights.get(digest)
+                leader = flight is None
+                if flight is None:
+                    flight = self._flights[digest] = _Flight()
+            if not leader:
+                flight.done.wait()
+                if self._present(digest, kind):
+                    return False
+                continue  # the leader failed: compete to run our own fill
+            try:
+                with self.repo.tmp.lock(digest.hex()):
+                    if self._present(digest, kind):
+                        return False
+                    stored = self._write(digest, fill, kind, size_hint, refs)
+            finally:
+                with self._flights_mu:
+                    del self._flights[digest]
+                flight.done.set()
+            if stored:
+                self._after_insert()
+            return stored
+
+    def _write(
+        self,
+        digest: bytes,
+        fill: Fill,
+        kind: Kind,
+        size_hint: int | None,
+        refs: set[bytes] | None,
+    ) -> bool:
+        gc_done: GcReport | None = None
+        while True:
+            writer: ObjectWriter | None = None
+            tmp: TempFile | None = None
+            try:
+                tmp = self.repo.tmp.create(kind[:3])
+                writer = ObjectWriter(tmp, digest)
+                fill(writer)
+                writer.close()
+                actual = writer.digest()
+                if actual != digest:
+                    m.DIGEST_MISMATCHES.inc()
+                    raise DigestMismatch(digest, actual, f"{kind} {digest.hex()}")
+                size = writer.size
+                if kind == "image" and refs is None:
+                    refs = self._parse_tmp(tmp, size)
+                os.fchmod(tmp.fd, 0o644)
+                os.fsync(tmp.fd)
+                tmp.close_write()
+                verity = self._try_verity(tmp.lock_fd)
+                with self._lock(exclusive=False):
+                    published = tmp.publish(self.repo.object_path(digest))
+                    try:
+                        with self.db.tx() as cur:
+                            self.db.record_object(cur, digest, size, kind, verity)
+                            if kind == "image":
+                                assert refs is not None
+                                self.db.record_image(cur, digest, refs)
+                    except BaseException:
+                        if published:  # keep state and disk in step
+                            with contextlib.suppress(OSError):
+                                os.unlink(self.repo.object_path(digest))
+                        raise
+                    if kind == "image":
+                        self.repo.link_image(digest)
+                if published:
+                    m.OBJECTS_ADDED.inc()
+                    m.BYTES_ADDED.inc(size)
+                    if verity:
+                        m.VERITY_ENABLED.inc()
+                return published
+            except BaseException as e:
+                if tmp is not None:
+                    tmp.discard()
+                if writer is not None:
+                    writer.close()
+                no_space = (writer is not None and writer.no_space) or _is_no_space(e)
+                if not no_space:
+                    raise
+                written = writer.size if writer is not None else 0
+                need = max(size_hint or 0, written) + _ROOM_SLACK
+                if gc_done is None:
+                    try:
+                        gc_done = self.gc(target_bytes=need)
+                    except Exception as gc_err:  # GC itself may fail on a full disk
+                        gc_done = GcReport(False, need, self.db.totals()[0])
+                        gc_done.errors.append(str(gc_err))
+                    if gc_done.freed_bytes > 0 and not gc_done.errors:
+                        continue  # retry once with the room GC made
+                m.STORE_FULL.inc()
+                raise StoreFull(
+                    f"no space left in the store at {self.root} for {kind} {digest.hex()} "
+                    f"(needs about {human_bytes(need)}); garbage collection freed "
+                    f"{human_bytes(gc_done.freed_bytes)}, {gc_done.protected_images} images "
+                    "are leased or in use"
+                    + (f"; GC errors: {'; '.join(gc_done.errors)}" if gc_done.errors else "")
+                ) from e
+
+    def _parse_tmp(self, tmp: TempFile, size: int) -> set[bytes]:
+        data = os.pread(tmp.fd, size, 0)
+        if len(data) != size:
+            raise StoreError(f"short read of temp file {tmp.path}")
+        return self._parse(data)
+
+    def _try_verity(self, fd: int) -> bool:
+        if self._verity_supported is False:
+            return False
+        err = enable_verity(fd)
+        if err == 0:
+            self._verity_supported = True
+            return True
+        if err in UNSUPPORTED_ERRNOS and self._verity_supported is None:
+            self._verity_supported = False
+        return False
+
+    def _after_insert(self) -> None:
+        self._update_gauges()
+        cap = self.size_cap
+        if cap is None:
+            return
+        used = self.db.totals()[0]
+        hysteresis = (self.high_watermark - self.low_watermark) * cap / 2
+        if used > self.high_watermark * cap and used > self._gc_floor + hysteresis:
+            report = self.gc()
+            self._gc_floor = report.bytes_after
+
+    def _adopt_image(self, digest: bytes) -> None:
+        """An object already present is now wanted as an image: parse and record it."""
+        refs = self._parse(self.repo.object_path(digest).read_bytes())
+        with self._lock(exclusive=False):
+            size = self.repo.object_path(digest).stat().st_size
+            with self.db.tx() as cur:
+                self.db.record_object(cur, digest, size, "image", False)
+                self.db.record_image(cur, digest, refs)
+            self.repo.link_image(digest)
+
+    def add_image_bytes(self, data: bytes) -> bytes:
+        """Validate, store and record an image (and the objects it references)."""
+        digest = digest_bytes(data)
+        refs = self._parse(data)
+
+        def fill(w: ObjectWriter) -> None:
+            w.write(data)
+
+        self._ensure(digest, fill, "image", len(data), refs)
+        return digest
+
+    def add_object_bytes(self, data: bytes) -> tuple[bytes, bool]:
+        digest = digest_bytes(data)
+
+        def fill(w: ObjectWriter) -> None:
+            w.write(data)
+
+        return digest, self.ensure(digest, fill, size_hint=len(data))
+
+    # -- refs, leases, pins ----------------------------------------------------------------
+
+    def set_ref(self, repository: str, name: str, digest: bytes) -> None:
+        """Record what ``name`` resolved to in ``repository`` (a local note, not a GC root)."""
+        layout.validate_ref_name(repository)
+        layout.validate_ref_name(name)
+        layout.check_digest(digest)
+        with self._lock(exclusive=False), self.db.tx() as cur:
+            cur.execute(
+                "INSERT OR REPLACE INTO refs VALUES (?, ?, ?, ?)",
+                (repository, name, digest, time.time()),
+            )
+
+    def get_ref(self, repository: str, name: str) -> bytes | None:
+        rows = self.db.query(
+            "SELECT digest FROM refs WHERE repository = ? AND name = ?", (repository, name)
+        )
+        return bytes(rows[0][0]) if rows else None
+
+    def lease(self, holder: str, images: Iterable[bytes]) -> None:
+        """Add ``images`` to ``holder``'s lease (idempotent; persisted)."""
+        imgs = [layout.check_digest(i) for i in images]
+        now = time.time()
+        with self._lock(exclusive=False), self.db.tx() as cur:
+            cur.executemany(
+                "INSERT OR IGNORE INTO leases VALUES (?, ?, ?)", ((holder, i, now) for i in imgs)
+            )
+            cur.executemany(
+                "UPDATE images SET last_used = ? WHERE digest = ?", ((now, i) for i in imgs)
+            )
+        self._update_gauges()
+
+    def release(self, holder: str) -> None:
+        """Drop every lease of ``holder`` (idempotent)."""
+        with self._lock(exclusive=False), self.db.tx() as cur:
+            cur.execute("DELETE FROM leases WHERE holder = ?", (holder,))
+        self._update_gauges()
+
+    def leases(self) -> dict[str, set[bytes]]:
+        out: dict[str, set[bytes]] = {}
+        for holder, image in self.db.query("SELECT holder, image FROM leases"):
+            out.setdefault(holder, set()).add(bytes(image))
+        return out
+
+    @contextlib.contextmanager
+    def pin(self, images: Iterable[bytes]) -> Iterator[None]:
+        """Protect ``images`` (and their objects) from GC while the block runs.
+
+        Visible to GC in other processes; pins of dead processes are ignored. Pin an image
+        before checking whether it is present, so GC cannot remove it in between.
+        """
+        imgs = {layout.check_digest(i) for i in images}
+        token = secrets.token_hex(8)
+        pid = os.getpid()
+        with self._lock(exclusive=False), self.db.tx() as cur:
+            cur.executemany(
+                "INSERT OR IGNORE INTO pins VALUES (?, ?, ?)", ((token, pid, i) for i in imgs)
+            )
+        try:
+            yield
+        finally:
+            with self.db.tx() as cur:
+                cur.execute("DELETE FROM pins WHERE token = ?", (token,))
+
+    def touch(self, image: bytes) -> None:
+        """Mark ``image`` as used now (LRU order of GC)."""
+        with self.db.tx() as cur:
+            cur.execute(
+                "UPDATE images SET last_used = ? WHERE digest = ?",
+                (time.time(), layout.check_digest(image)),
+            )
+
+    # -- garbage collection ----------------------------------------------------------------
+
+    def gc(self, *, target_bytes: int | None = None, dry_run: bool = False) -> GcReport:
+        """Collect unleased images (LRU first) and objects no remaining image references.
+
+        ``target_bytes``: free at least that much (then stop). Without it: with a size cap,
+        from above the high watermark down to the low one (only unreferenced objects when
+        below it); without a cap, everything not leased or pinned.
+        """
+        with self._gc_mu, self._lock(exclusive=True):
+            return self._gc_locked(target_bytes, dry_run)
+
+    def _gc_locked(self, target_bytes: int | None, dry_run: bool) -> GcReport:
+        q = self.db.query
+        sizes = {bytes(d): int(s) for d, s in q("SELECT digest, size FROM objects")}
+        images = {bytes(d): float(t) for d, t in q("SELECT digest, last_used FROM images")}
+        refs: dict[bytes, set[bytes]] = {}
+        for img, obj in q("SELECT image, object FROM image_objects"):
+            refs.setdefault(bytes(img), set()).add(bytes(obj))
+        protected = {bytes(r[0]) for r in q("SELECT image FROM leases")}
+        protected |= self._live_pins()
+        before = sum(sizes.values())
+        target = target_bytes
+        if target is None and self.size_cap is not None:
+            high = self.high_watermark * self.size_cap
+            target = int(before - self.low_watermark * self.size_cap) if before > high else 0
+        plan = plan_gc(sizes=sizes, images=images, refs=refs, protected=protected, target=target)
+        report = GcReport(
+            dry_run=dry_run,
+            target_bytes=target,
+            bytes_before=before,
+            removed_images=list(plan.images),
+            removed_objects=len(plan.objects),
+            freed_bytes=plan.freed,
+            protected_images=len(protected & images.keys()),
+        )
+        if dry_run:
+            return report
+        # Files first (frees space even if the state DB cannot be written), then state.
+        removed_imgs = set(plan.images)
+        for img in plan.images:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.repo.image_path(img))
+        for name, target_digest in list(self.repo.iter_refs()):
+            if target_digest in removed_imgs:
+                with contextlib.suppress(OSError):
+                    self.repo.remove_ref(name)
+        for d in plan.objects:
+            try:
+                os.unlink(self.repo.object_path(d))
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                report.errors.append(f"removing {layout.object_relpath(d)}: {e.strerror}")
+        with self.db.tx() as cur:
+            for img in plan.images:
+                self.db.drop_image(cur, img)
+            for d in plan.objects:
+                self.db.drop_object(cur, d)
+        m.GC_RUNS.inc()
+        m.GC_FREED_BYTES.inc(plan.freed)
+        self._update_gauges()
+        return report
+
+    def _live_pins(self) -> set[bytes]:
+        rows = self.db.query("SELECT DISTINCT pid FROM pins")
+        dead = [int(r[0]) for r in rows if not pid_alive(int(r[0]))]
+        if dead:
+            with self.db.tx() as cur:
+                cur.executemany("DELETE FROM pins WHERE pid = ?", ((p,) for p in dead))
+        return {bytes(r[0]) for r in self.db.query("SELECT image FROM pins")}
+
+    # -- fsck and recovery -----------------------------------------------------------------
+
+    def fsck(self, *, repair: bool = True, progress: Progress | None = None) -> FsckReport:
+        """Recompute every stored file's digest; quarantine bad ones (``repair``)."""
+        report = FsckReport(repair=repair)
+        digests = list(self.repo.iter_objects())
+        bad: dict[bytes, tuple[int, str]] = {}  # digest -> (inode, problem)
+        for i, d in enumerate(digests):
+            path = self.repo.object_path(d)
+            try:
+                st = path.stat()
+                actual = digest_file(path)
+            except FileNotFoundError:
+                continue  # removed meanwhile (GC)
+            except OSError as e:
+                bad[d] = (-1, f"unreadable: {e.strerror}")
+            else:
+                report.bytes_checked += st.st_size
+                if actual != d:
+                    bad[d] = (st.st_ino, f"content hashes to {actual.hex()}")
+            report.checked += 1
+            if progress is not None:
+                progress(i + 1, len(digests))
+        report.bad = [(layout.object_relpath(d), why) for d, (_, why) in bad.items()]
+        m.FSCK_BAD.inc(len(bad))
+        if not repair:
+            return report
+        with self._lock(exclusive=True):
+            stamp = time.strftime("%Y%m%dT%H%M%S")
+            for d, (ino, _why) in bad.items():
+                path = self.repo.object_path(d)
+                with contextlib.suppress(FileNotFoundError):
+                    if ino != -1 and path.stat().st_ino != ino:
+                        continue  # replaced meanwhile by a verified copy
+                    dest = self.root / QUARANTINE_DIR / f"{d.hex()}.{stamp}"
+                    os.rename(path, dest)
+                    report.quarantined.append(dest.name)
+            with self.db.tx() as cur:
+                for d in bad:
+                    if self.db.is_image(d):
+                        cur.execute("DELETE FROM images WHERE digest = ?", (d,))
+                        cur.execute("DELETE FROM image_objects WHERE image = ?", (d,))
+                    self.db.drop_object(cur, d)
+                    report.removed_records += 1
+            for d in bad:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.repo.image_path(d))
+            rec = self._reconcile()
+            report.removed_records += rec.dropped_missing
+            report.fixed_links += rec.links_fixed
+        self._update_gauges()
+        return report
+
+    def _recover(self) -> RecoveryReport:
+        with self._lock(exclusive=True):
+            removed = self.repo.tmp.clean()
+            rep = self._reconcile()
+            rep.temp_removed = removed
+        return rep
+
+    def _reconcile(self) -> RecoveryReport:
+        """Make the state DB agree with the files (caller holds the exclusive lock)."""
+        rep = RecoveryReport()
+        recorded = {bytes(r[0]) for r in self.db.query("SELECT digest FROM objects")}
+        recorded_images = {bytes(r[0]) for r in self.db.query("SELECT digest FROM images")}
+        on_disk = set(self.repo.iter_objects())
+        linked = set(self.repo.iter_images())
+        missing = recorded - on_disk
+        unknown = on_disk - recorded
+        new_images: dict[bytes, set[bytes]] = {}
+        for d in linked & on_disk:
+            if d in recorded_images:
+                continue
+            try:
+                new_images[d] = self._parse(self.repo.object_path(d).read_bytes())
+            except Exception as e:
+                rep.problems.append(f"images/{d.hex()} is not a valid image ({e}): unlinked")
+                with contextlib.suppress(OSError):
+                    os.unlink(self.repo.image_path(d))
+        with self.db.tx() as cur:
+            for d in unknown:
+                try:
+                    size = self.repo.object_path(d).stat().st_size
+                except FileNotFoundError:
+                    continue
+                self.db.record_object(cur, d, size, "object", False)
+                rep.recorded_unknown += 1
+            for d in missing:
+                self.db.drop_object(cur, d)
+                rep.dropped_missing += 1
+            for d in recorded_images - on_disk:
+                self.db.drop_image(cur, d)
+                rep.images_dropped += 1
+            for d, refs in new_images.items():
+                self.db.record_image(cur, d, refs)
+                rep.images_recorded += 1
+        # Recorded images whose images/<hex> link is gone (or wrong): relink.
+        for d in (recorded_images & on_disk) - linked:
+            self.repo.link_image(d)
+            rep.links_fixed += 1
+        for d in linked - on_disk:
+            with contextlib.suppress(OSError):
+                os.unlink(self.repo.image_path(d))
+            rep.links_fixed += 1
+        for holder, image in self.db.query("SELECT holder, image FROM leases"):
+            if bytes(image) not in on_disk:
+                rep.leases_on_missing.append((str(holder), bytes(image)))
+        return rep
+
+    def quarantine_dir(self) -> Path:
+        return self.root / QUARANTINE_DIR
