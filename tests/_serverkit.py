@@ -21,6 +21,8 @@ from csi.config import DriverConfig, config_from_dict
 from csi.fuse.client import DataPlaneClient, DataPlaneUnavailable
 from csi.image.writer import write_image
 from csi.repo import Repository
+from csi.server import build_node
+from csi.server.dataplane import FuseDataPlane
 from csi.server.proto import csi_pb2 as pb
 from csi.server.proto import csi_pb2_grpc as rpc
 from tests.support.gentree import make_disk_tree, random_spec, spec_to_tree, write_spec_objects
@@ -172,6 +174,7 @@ def driver_config(
     }
     if extra:
         raw.update(extra)
+    work.mkdir(parents=True, exist_ok=True)
     path = work / "config.yaml"
     path.write_text(json.dumps(raw))  # JSON is YAML
     return config_from_dict(raw), path
@@ -237,3 +240,54 @@ def node_process(config_path: Path, endpoint: str, node_id: str, work: Path) -> 
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+class NodeHarness:
+    """A node plugin (in-process) with the real data plane, over a local or HTTP repository."""
+
+    def __init__(
+        self,
+        work: Path,
+        repo: str,
+        fetcher: Any = None,
+        rpc_wait: float = 60,
+        max_workers: int = 64,
+    ) -> None:
+        self.work = work
+        self.repo = repo
+        self.config, self.config_path = driver_config(work, {"local": repo}, rpc_wait=rpc_wait)
+        (work / "store").mkdir()
+        self.dataplane = DataPlaneProcess(work, work / "store", {"local": repo}).start()
+        self.fetcher = fetcher
+        self.max_workers = max_workers
+        self.socket = work / "csi" / "csi.sock"
+        self.plugin = self._build()
+        self.stubs = Stubs(self.socket)
+        self.pods = work / "pods"
+        self.pods.mkdir()
+
+    def _build(self) -> Any:
+        return build_node(
+            self.config,
+            f"unix://{self.socket}",
+            "node-1",
+            dataplane=FuseDataPlane(self.dataplane.socket),
+            fetcher=self.fetcher,
+            max_workers=self.max_workers,
+        )
+
+    def restart(self) -> None:
+        self.stubs.close()
+        self.plugin.stop()
+        self.plugin = self._build()
+        self.stubs = Stubs(self.socket)
+
+    def target(self, name: str) -> Path:
+        d = self.pods / name / "volumes"
+        d.mkdir(parents=True, exist_ok=True)
+        return d / "mount"
+
+    def close(self) -> None:
+        self.stubs.close()
+        self.plugin.stop()
+        self.dataplane.stop()

@@ -14,8 +14,6 @@ import grpc
 import pytest
 
 from csi.fetch.progress import FetchProgress
-from csi.server import build_node
-from csi.server.dataplane import FuseDataPlane
 from csi.server.fetcher import RepositoryFetcher
 from csi.server.imageinfo import measure
 from csi.server.mounts import mounts_at, unmount
@@ -23,7 +21,6 @@ from csi.server.proto import csi_pb2 as pb
 from tests._serverkit import (
     MOUNT_CAP,
     POD_INFO,
-    DataPlaneProcess,
     RepoImage,
     Stubs,
     code_of,
@@ -32,6 +29,9 @@ from tests._serverkit import (
     make_repo,
     mounts_under,
     publish_request,
+)
+from tests._serverkit import (
+    NodeHarness as Node,
 )
 from tests.support.snapshot import diff_snapshots, snapshot
 
@@ -50,49 +50,9 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[RepoIma
     return root / "repo", make_repo(root, 3)
 
 
-class Node:
-    def __init__(self, work: Path, repo: Path, fetcher: Any = None, rpc_wait: float = 60) -> None:
-        self.work = work
-        self.repo = repo
-        self.config, self.config_path = driver_config(work, {"local": str(repo)}, rpc_wait=rpc_wait)
-        (work / "store").mkdir()
-        self.dataplane = DataPlaneProcess(work, work / "store", {"local": str(repo)}).start()
-        self.fetcher = fetcher
-        self.socket = work / "csi" / "csi.sock"
-        self.plugin = self._build()
-        self.stubs = Stubs(self.socket)
-        self.pods = work / "pods"
-        self.pods.mkdir()
-
-    def _build(self) -> Any:
-        return build_node(
-            self.config,
-            f"unix://{self.socket}",
-            "node-1",
-            dataplane=FuseDataPlane(self.dataplane.socket),
-            fetcher=self.fetcher,
-        )
-
-    def restart(self) -> None:
-        self.stubs.close()
-        self.plugin.stop()
-        self.plugin = self._build()
-        self.stubs = Stubs(self.socket)
-
-    def target(self, name: str) -> Path:
-        d = self.pods / name / "volumes"
-        d.mkdir(parents=True, exist_ok=True)
-        return d / "mount"
-
-    def close(self) -> None:
-        self.stubs.close()
-        self.plugin.stop()
-        self.dataplane.stop()
-
-
 @pytest.fixture
 def node(tmp_path: Path, images: tuple[Path, list[RepoImage]]) -> Iterator[Node]:
-    n = Node(tmp_path, images[0])
+    n = Node(tmp_path, str(images[0]))
     try:
         yield n
     finally:
@@ -356,7 +316,7 @@ def test_slow_fetch_continues_in_background(
         ) -> None:
             holder["f"].fetch(repository, image, lazy=lazy, progress=progress)
 
-    node = Node(tmp_path, repo, fetcher=LateFetcher(), rpc_wait=1)
+    node = Node(tmp_path, str(repo), fetcher=LateFetcher(), rpc_wait=1)
     try:
         gated = GatedFetcher(node.config.repositories, node.plugin.store)
         holder["f"] = gated
@@ -409,3 +369,76 @@ def test_dead_data_plane_is_repaired(node: Node, images: tuple[Path, list[RepoIm
         pb.NodeUnpublishVolumeRequest(volume_id="v-r", target_path=str(t))
     )
     assert not t.exists()
+
+
+def test_persistent_flow(node: Node, images: tuple[Path, list[RepoImage]]) -> None:
+    """CreateVolume -> NodeStage -> NodePublish (two pods) -> NodeUnpublish -> NodeUnstage ->
+    DeleteVolume, each call twice."""
+    from csi.server import build_controller
+
+    img = images[1][1]
+    cwork = node.work / "controller"
+    cwork.mkdir()
+    cconfig, _ = driver_config(cwork, {"local": node.repo})
+    ctrl = build_controller(cconfig, f"unix://{cwork}/csi.sock")
+    cstubs = Stubs(cwork / "csi.sock")
+    try:
+        create = pb.CreateVolumeRequest(
+            name="pvc-7d1e",
+            parameters={"image": img.name, "fetch": "eager"},
+            volume_capabilities=[MOUNT_CAP],
+        )
+        vol = cstubs.controller.CreateVolume(create).volume
+        assert cstubs.controller.CreateVolume(create).volume == vol
+        staging = node.work / "staging" / "globalmount"
+        staging.mkdir(parents=True)
+        stage = pb.NodeStageVolumeRequest(
+            volume_id=vol.volume_id,
+            staging_target_path=str(staging),
+            volume_capability=MOUNT_CAP,
+            volume_context=vol.volume_context,
+        )
+        for _ in range(2):
+            node.stubs.node.NodeStageVolume(stage)
+        assert our_leases(node) == {f"csi-volume:{vol.volume_id}": {img.digest}}
+        assert not node.plugin.store.missing_objects(img.digest)
+        other = pb.NodeStageVolumeRequest()
+        other.CopyFrom(stage)
+        other.staging_target_path = str(node.work / "elsewhere")
+        assert code_of(node.stubs.node.NodeStageVolume, other) == (
+            grpc.StatusCode.FAILED_PRECONDITION
+        )
+        targets = [node.target("pv-a"), node.target("pv-b")]
+        pod_ctx = {k: v for k, v in POD_INFO.items() if not k.endswith("ephemeral")}
+        for t in targets:
+            req = publish_request(
+                vol.volume_id, t, {**vol.volume_context, **pod_ctx}, staging=str(staging)
+            )
+            for _ in range(2):
+                node.stubs.node.NodePublishVolume(req)
+            assert_same_tree(t, img.source)
+        stats = node.stubs.node.NodeGetVolumeStats(
+            pb.NodeGetVolumeStatsRequest(volume_id=vol.volume_id, volume_path=str(staging))
+        )
+        assert stats.usage[0].used == vol.capacity_bytes
+        unstage = pb.NodeUnstageVolumeRequest(
+            volume_id=vol.volume_id, staging_target_path=str(staging)
+        )
+        # still published: refused
+        assert code_of(node.stubs.node.NodeUnstageVolume, unstage) == (
+            grpc.StatusCode.FAILED_PRECONDITION
+        )
+        for t in targets:
+            for _ in range(2):
+                node.stubs.node.NodeUnpublishVolume(
+                    pb.NodeUnpublishVolumeRequest(volume_id=vol.volume_id, target_path=str(t))
+                )
+            assert not t.exists()
+        for _ in range(2):
+            node.stubs.node.NodeUnstageVolume(unstage)
+        assert our_leases(node) == {}
+        for _ in range(2):
+            cstubs.controller.DeleteVolume(pb.DeleteVolumeRequest(volume_id=vol.volume_id))
+    finally:
+        cstubs.close()
+        ctrl.stop()
