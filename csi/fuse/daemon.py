@@ -106,8 +106,8 @@ class DataPlane:
 
     def mount(self) -> None:
         mp = Path(self.config.mountpoint)
-        mp.mkdir(parents=True, exist_ok=True)
         mounting.clear_stale_mount(mp)
+        mp.mkdir(parents=True, exist_ok=True)
         pyfuse3.init(self.fs, os.fspath(mp), fuse_options(self.config))
         self.fs.mounted = True
         if self.config.read_ahead_kb > 0:
@@ -315,6 +315,7 @@ class DataPlane:
         if view.prefetch_scope is not None:
             view.prefetch_scope.cancel()
         self.fs.detach(view)
+        await trio.to_thread.run_sync(self.fs.forget_entry, view)
         log.info("view %s removed", key)
         return {"removed": True, "holders": 0}
 

@@ -151,13 +151,20 @@ class DataPlaneFS(pyfuse3.Operations):
             self._retired[view.slot] = view
         else:
             view.close()
-        if self.mounted:
-            try:
-                pyfuse3.invalidate_entry_async(
-                    ROOT_INO, view.key.encode(), deleted=view.root_ino, ignore_enoent=True
-                )
-            except Exception as e:  # the kernel may already have forgotten it
-                log.debug("invalidating %s: %s", view.key, e)
+        # Idle object descriptors would keep objects the store may now collect from freeing
+        # their space: let them go (files still open keep theirs).
+        self.objects.fds.close_all()
+
+    def forget_entry(self, view: View) -> None:
+        """Make the kernel drop its cached entry of a detached view (blocking: call it from a
+        worker thread, never from the trio thread, which must keep serving meanwhile)."""
+        if not self.mounted:
+            return
+        try:
+            pyfuse3.invalidate_entry(ROOT_INO, view.key.encode(), deleted=view.root_ino)
+        except OSError as e:  # ENOENT: the kernel had already forgotten it
+            if e.errno != errno.ENOENT:
+                log.warning("invalidating %s: %s", view.key, e)
 
     def _update_view_metrics(self) -> None:
         images = sum(1 for v in self.views.values() if v.kind == "image")

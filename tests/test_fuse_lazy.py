@@ -1,0 +1,205 @@
+"""Lazy views against a slow repository: listable at once, reads wait only for their own
+object, everything ends verified in the store, failures are errors and never hangs.
+
+The repository server holds each object back until the test opens its gate, so "slow" is
+decided by the test, not by the clock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from csi.image.fsverity import digest_file
+from csi.image.tree import S_IFDIR, Node, Tree
+from csi.repo import Repository
+from tests.fuse_helpers import external, fuse_unavailable, run_daemon
+
+pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
+
+
+@pytest.fixture(autouse=True)
+def _facilities() -> None:
+    reason = fuse_unavailable()
+    if reason:
+        pytest.skip(reason)
+
+
+class GatedRepo:
+    """Serves a repository directory; ``objects/...`` requests wait for their gate."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.gates: dict[str, threading.Event] = {}
+        self.missing: set[str] = set()
+        self.requests: list[str] = []
+        self._mu = threading.Lock()
+        self.closing = threading.Event()
+
+    def gate(self, digest: bytes) -> threading.Event:
+        h = digest.hex()
+        with self._mu:
+            return self.gates.setdefault(f"/objects/{h[:2]}/{h[2:]}", threading.Event())
+
+    def open_all(self) -> None:
+        self.closing.set()
+        with self._mu:
+            for g in self.gates.values():
+                g.set()
+
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[str]:
+        repo = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                path = self.path.split("?")[0]
+                with repo._mu:
+                    repo.requests.append(path)
+                    gate = repo.gates.get(path)
+                if gate is not None:
+                    gate.wait()
+                p = repo.root / path.lstrip("/")
+                if path in repo.missing or ".." in path or not p.is_file():
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                body = p.read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server.daemon_threads = True
+        t = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+        t.start()
+        try:
+            yield f"http://127.0.0.1:{server.server_address[1]}/"
+        finally:
+            self.open_all()
+            server.shutdown()
+            server.server_close()
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[tuple[GatedRepo, str, Path, bytes, dict[str, bytes]]]:
+    repo = Repository(tmp_path / "repo", create=True)
+    tree = Tree(Node(mode=S_IFDIR | 0o755))
+    assert tree.root.entries is not None
+    files = {f"f{i}": os.urandom(5000 + i * 777) for i in range(12)}
+    sub = Node(mode=S_IFDIR | 0o755)
+    tree.root.add(b"sub", sub)
+    for name, data in files.items():
+        node, _ = external(data)
+        repo.add_object_bytes(data)
+        (sub if name.endswith("0") else tree.root).add(name.encode(), node)
+    from csi.image.writer import write_image
+
+    image = write_image(tree)
+    digest = repo.add_image(image)
+    store = tmp_path / "store"
+    from csi.store import Store
+
+    with Store(store) as s:
+        s.add_image_bytes(image)  # only the image is local
+    gated = GatedRepo(repo.root)
+    with gated.serving() as url:
+        yield gated, url, store, digest, files
+
+
+def _read_in_thread(path: Path) -> tuple[threading.Thread, dict[str, object]]:
+    out: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            out["data"] = path.read_bytes()
+        except OSError as e:
+            out["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out
+
+
+def test_lazy_view_reads_wait_only_for_their_own_object(world: tuple) -> None:  # type: ignore[type-arg]
+    gated, url, store, digest, files = world
+    from csi.image.fsverity import digest_bytes
+
+    for data in files.values():
+        gated.gate(digest_bytes(data))  # every object held back
+    with run_daemon(store, repositories={"main": url}, prefetch_threads=2) as d:
+        view = Path(d.client.add_view([digest], "pod-a", lazy=True, repository="main")["path"])
+        # Listable and stat-able at once: nothing of the objects is needed.
+        assert sorted(os.listdir(view)) == sorted(
+            [n for n in files if not n.endswith("0")] + ["sub"]
+        )
+        assert os.stat(view / "f3").st_size == len(files["f3"])
+        # A read of f1 blocks while its object is held back...
+        t1, out1 = _read_in_thread(view / "f1")
+        # ...and a read of f2 completes as soon as f2's own object is let through.
+        gated.gate(digest_bytes(files["f2"])).set()
+        assert (view / "f2").read_bytes() == files["f2"]
+        assert t1.is_alive() and not out1
+        gated.gate(digest_bytes(files["f1"])).set()
+        t1.join(60)
+        assert out1.get("data") == files["f1"]
+        # Let everything through: the background prefetch completes the view.
+        gated.open_all()
+        for _ in range(600):
+            st = d.client.status(objects=True)["views"][0]
+            if st["progress"]["state"] == "done":
+                break
+            threading.Event().wait(0.05)
+        assert st["progress"]["state"] == "done", st
+        assert st["missing"] == 0
+        for name, data in files.items():
+            p = view / ("sub/" + name if name.endswith("0") else name)
+            assert p.read_bytes() == data
+    # Every object in the store hashes to its name (verified on the way in).
+    objs = list((store / "objects").glob("*/*"))
+    assert len(objs) == len(files) + 1  # the objects and the image
+    for p in objs:
+        assert digest_file(p).hex() == p.parent.name + p.name
+    # Each object was downloaded once despite demand reads racing the prefetch.
+    obj_requests = [r for r in gated.requests if r.startswith("/objects/")]
+    assert len(obj_requests) == len(set(obj_requests)) == len(files)
+
+
+def test_failed_lazy_fetch_is_eio_not_a_hang(world: tuple) -> None:  # type: ignore[type-arg]
+    gated, url, store, digest, files = world
+    from csi.image.fsverity import digest_bytes
+
+    h = digest_bytes(files["f5"]).hex()
+    gated.missing.add(f"/objects/{h[:2]}/{h[2:]}")
+    with run_daemon(store, repositories={"main": url}) as d:
+        view = Path(d.client.add_view([digest], "pod-a", lazy=True)["path"])
+        with pytest.raises(OSError) as e:
+            (view / "f5").read_bytes()
+        assert e.value.errno == errno.EIO
+        assert (view / "f4").read_bytes() == files["f4"]
+        assert h in d.log.read_text()
+
+
+def test_eager_view_of_missing_objects_is_enoent(world: tuple) -> None:  # type: ignore[type-arg]
+    _gated, url, store, digest, files = world
+    with run_daemon(store, repositories={"main": url}) as d:
+        view = Path(d.client.add_view([digest], "pod-a")["path"])
+        with pytest.raises(FileNotFoundError):
+            (view / "f4").read_bytes()
+        # Upgrading the same view to lazy (another holder) starts fetching.
+        d.client.add_view([digest], "pod-b", lazy=True)
+        assert (view / "f4").read_bytes() == files["f4"]
