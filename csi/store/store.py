@@ -87,6 +87,7 @@ class Store:
         low_watermark: float = 0.8,
         image_parser: ImageParser | None = None,
         enable_fsverity: bool = True,
+        fsync: bool = True,
     ) -> None:
         if not 0 < low_watermark <= high_watermark <= 1:
             raise ValueError("watermarks must satisfy 0 < low <= high <= 1")
@@ -100,6 +101,9 @@ class Store:
         self.high_watermark = high_watermark
         self.low_watermark = low_watermark
         self._parse = image_parser or default_image_parser
+        #: fsync each file before publishing it (off only where durability across power
+        #: loss does not matter: tests, tmpfs stores).
+        self._fsync = fsync
         self._verity_supported: bool | None = None if enable_fsverity else False
         self._flights: dict[bytes, _Flight] = {}
         self._flights_mu = threading.Lock()
@@ -267,7 +271,8 @@ class Store:
                 if kind == "image" and refs is None:
                     refs = self._parse_tmp(tmp, size)
                 os.fchmod(tmp.fd, 0o644)
-                os.fsync(tmp.fd)
+                if self._fsync:
+                    os.fsync(tmp.fd)
                 tmp.close_write()
                 verity = self._try_verity(tmp.lock_fd)
                 with self._lock(exclusive=False):
