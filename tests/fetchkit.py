@@ -13,7 +13,6 @@ import socket
 import stat
 import subprocess
 import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -331,16 +330,6 @@ class FaultProxy:
             yield self
         finally:
             self.stop()
-
-
-def wait_until(pred: object, timeout: float = 10.0) -> bool:
-    """Poll ``pred()`` until true or ``timeout`` (a liveness helper, not a timed assertion)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():  # type: ignore[operator]
-            return True
-        time.sleep(0.01)
-    return False
 
 
 # -- a served repository shared by the fetch tests --------------------------------------------
