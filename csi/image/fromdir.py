@@ -44,10 +44,14 @@ from .errors import TreeError
 from .fsverity import FsVerityHasher
 from .tree import INLINE_CONTENT_DEFAULT_MAX, HardLink, Node, Tree, object_path
 
-__all__ = ["ProgressCallback", "ScanOptions", "ScanResult", "scan_directory"]
+__all__ = ["DigestFn", "ProgressCallback", "ScanOptions", "ScanResult", "scan_directory"]
 
 #: ``progress(files_done, bytes_done)``: called as external files finish hashing.
 ProgressCallback = Callable[[int, int], None]
+#: ``digest_fn(path, size) -> fs-verity digest``: hashes one external file. The default reads
+#: it; ``composefs-csi build`` passes one that copies into the repository while hashing, so
+#: each file is read once.
+DigestFn = Callable[[bytes, int], bytes]
 
 _READ_SIZE = 1 << 20
 _XATTR_BUDGET = 0xFFFF // 2
@@ -80,6 +84,7 @@ def scan_directory(
     path: str | os.PathLike[str],
     options: ScanOptions | None = None,
     progress: ProgressCallback | None = None,
+    digest_fn: DigestFn | None = None,
 ) -> ScanResult:
     """Build the tree of the directory at ``path`` (see the module docstring)."""
     opts = options or ScanOptions()
@@ -94,7 +99,7 @@ def scan_directory(
     scan.walk(root, top, st.st_dev)
     result = ScanResult(Tree(root), files=scan.files, bytes=scan.bytes)
     if opts.compute_digest and scan.to_hash:
-        result.objects = _hash_all(scan.to_hash, opts.threads, progress)
+        result.objects = _hash_all(scan.to_hash, opts.threads, progress, digest_fn or _digest)
     return result
 
 
@@ -210,6 +215,7 @@ def _hash_all(
     todo: list[tuple[Node, bytes]],
     threads: int | None,
     progress: ProgressCallback | None,
+    digest_fn: DigestFn,
 ) -> list[tuple[bytes, str, int]]:
     workers = threads or max(2, min(16, os.cpu_count() or 2))
     done_files = 0
@@ -223,7 +229,7 @@ def _hash_all(
         def submit_more() -> None:
             for i in it:
                 node, path = todo[i]
-                pending[pool.submit(_digest, path, node.size)] = i
+                pending[pool.submit(digest_fn, path, node.size)] = i
                 if len(pending) >= window:
                     return
 
