@@ -98,7 +98,15 @@ def _add_store_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("--bearer-token-file", help="file holding a bearer token")
     p.set_defaults(module="store_cmds", func_name="pull")
 
-    p = sub.add_parser("gc", help="collect unused images and objects of a store")
+    p = sub.add_parser(
+        "gc",
+        help="collect unused images and objects of a store",
+        description=(
+            "Remove images no volume holds a lease on (least recently used first) and then "
+            "every object no remaining image references. Without --target-bytes every "
+            "unleased image goes; with it, only as many as needed to fit."
+        ),
+    )
     p.add_argument("--store", required=True)
     p.add_argument("--dry-run", action="store_true", help="report what would be removed")
     p.add_argument(
