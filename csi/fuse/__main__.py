@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    run_daemon(config_from_dict(json.loads(Path(args[0]).read_text())))
+    config = config_from_dict(json.loads(Path(args[0]).read_text()))
+    profile = os.environ.get("CSI_FUSE_PROFILE")
+    if profile:  # development aid: profile the whole daemon into this file
+        import cProfile
+
+        cProfile.runctx("run_daemon(config)", globals(), {"config": config}, profile)
+    else:
+        run_daemon(config)
     return 0
 
 

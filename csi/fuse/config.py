@@ -30,7 +30,9 @@ class DataPlaneConfig:
     default_repository: str | None = None
     mount_options: tuple[str, ...] = DEFAULT_MOUNT_OPTIONS
     #: BDI read-ahead of the mount in KiB, written after mounting (0: leave the kernel default).
-    read_ahead_kb: int = 1024
+    read_ahead_kb: int = 16384
+    #: Directory entries (with attributes) kept ready for readdir replies, all views together.
+    listing_cache_entries: int = 100_000
     #: Idle object file descriptors kept open (those in use are never closed).
     fd_cache_size: int = 1024
     #: Threads doing file I/O (pread, open) at once.

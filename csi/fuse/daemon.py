@@ -31,7 +31,7 @@ from .fs import DataPlaneFS
 from .inodes import MAX_LAYERS, ROOT_INO
 from .objects import ObjectSource, ObjectStoreAccess
 from .sources import SourceRegistry, StoreHandle
-from .views import CompositionView, ImageView, View
+from .views import CompositionView, ImageView, ListingCache, View
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,7 @@ class DataPlane:
             fetch_timeout=config.fetch_timeout,
         )
         self.fs = DataPlaneFS(self.objects, timeout=config.cache_timeout)
+        self.listings = ListingCache(config.listing_cache_entries)
         self._nursery: trio.Nursery | None = None
         self._adding: dict[str, trio.Lock] = {}
 
@@ -110,8 +111,6 @@ class DataPlane:
         mp.mkdir(parents=True, exist_ok=True)
         pyfuse3.init(self.fs, os.fspath(mp), fuse_options(self.config))
         self.fs.mounted = True
-        if self.config.read_ahead_kb > 0:
-            mounting.set_read_ahead(mp, self.config.read_ahead_kb)
         log.info("mounted %s at %s", FSNAME, mp)
 
     def unmount(self) -> None:
@@ -138,7 +137,9 @@ class DataPlane:
         if composition:
             view = CompositionView(view_key(digests, True), 0, digests, imgs, **kw)
         else:
-            view = ImageView(view_key(digests, False), 0, digests[0], imgs[0], **kw)
+            view = ImageView(
+                view_key(digests, False), 0, digests[0], imgs[0], listings=self.listings, **kw
+            )
         view.lazy_source = source
         view.holders.add("local")
         self.fs.set_single(view)
@@ -153,6 +154,8 @@ class DataPlane:
             self._nursery = n
             self.objects.start(n)
             n.start_soon(self._signals)
+            if self.config.read_ahead_kb > 0:
+                n.start_soon(self._tune_read_ahead)
             if listener is not None:
                 n.start_soon(trio.serve_listeners, self._connection, [listener])
             if self.fs.single is not None and self.fs.single.lazy_source is not None:
@@ -160,6 +163,13 @@ class DataPlane:
             await pyfuse3.main(min_tasks=4, max_tasks=256)
             log.info("FUSE session ended")
             n.cancel_scope.cancel()
+
+    async def _tune_read_ahead(self) -> None:
+        # The kernel caps read-ahead at what the FUSE INIT exchange agreed, so the BDI value
+        # is raised once INIT is done: a stat of the root only completes after it.
+        mp = Path(self.config.mountpoint)
+        await trio.to_thread.run_sync(os.stat, mp)
+        await trio.to_thread.run_sync(mounting.set_read_ahead, mp, self.config.read_ahead_kb)
 
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as sigs:
@@ -279,7 +289,9 @@ class DataPlane:
         if composition:
             view = CompositionView(key, slot, digests, imgs, timeout=self.fs.timeout)
         else:
-            view = ImageView(key, slot, digests[0], imgs[0], timeout=self.fs.timeout)
+            view = ImageView(
+                key, slot, digests[0], imgs[0], timeout=self.fs.timeout, listings=self.listings
+            )
         self.fs.attach(view)
         return view
 

@@ -70,7 +70,7 @@ def clear_stale_mount(mountpoint: Path) -> None:
     if entry is None:
         return
     try:
-        os.stat(mountpoint)
+        os.statvfs(mountpoint)  # never answered from a cache: reaches the daemon, if any
     except OSError as e:
         if e.errno in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO):
             log.warning("detaching stale mount at %s (%s)", mountpoint, e.strerror)

@@ -50,11 +50,28 @@ class ObjectUnavailable(Exception):
     """Fetching the object failed or timed out (answered with EIO)."""
 
 
+#: Reads this large that continue the previous one are treated as a sequential stream.
+_SEQUENTIAL_MIN = 128 * 1024
+#: How far ahead of a sequential stream the object's pages are requested from the disk.
+_READ_AHEAD = 8 << 20
+
+
+def _pread(fd: int, size: int, offset: int, sequential: bool) -> bytes:
+    """``pread``; for a sequential stream, also start reading the next stretch from disk, so
+    the disk works while the kernel and the FUSE round trip deliver this chunk."""
+    data = os.pread(fd, size, offset)
+    if sequential and len(data) == size:
+        os.posix_fadvise(fd, offset + size, _READ_AHEAD, os.POSIX_FADV_WILLNEED)
+    return data
+
+
 @dataclass(eq=False, slots=True)
 class ObjectFile:
     digest: bytes
     fd: int
     refs: int = 0
+    #: Where the last read through this descriptor ended (sequential stream detection).
+    next_offset: int = -1
 
 
 class FdCache:
@@ -201,7 +218,11 @@ class ObjectStoreAccess:
         self.fds.release(f)
 
     async def pread(self, f: ObjectFile, size: int, offset: int) -> bytes:
-        return await trio.to_thread.run_sync(os.pread, f.fd, size, offset, limiter=self.io_limiter)
+        sequential = offset == f.next_offset and size >= _SEQUENTIAL_MIN
+        f.next_offset = offset + size
+        return await trio.to_thread.run_sync(
+            _pread, f.fd, size, offset, sequential, limiter=self.io_limiter
+        )
 
     # -- lazy fetching -------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import stat
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -211,6 +212,45 @@ def _digest_from_payload(payload: bytes) -> bytes | None:
         return None
 
 
+Listing = list[tuple[bytes, pyfuse3.EntryAttributes, int]]
+
+
+class ListingCache:
+    """Directory listings with their attributes, ready to reply, across all views.
+
+    The kernel does not cache directory contents (pyfuse3 cannot ask it to), so every walk
+    lists every directory again; replying from here costs a fraction of rebuilding the
+    entries. Bounded by the total number of entries held (least recently listed out first).
+    """
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        self.max_entries = max_entries
+        self.entries = 0
+        self._lists: OrderedDict[tuple[int, int], Listing] = OrderedDict()
+
+    def get(self, key: tuple[int, int]) -> Listing | None:
+        listing = self._lists.get(key)
+        if listing is not None:
+            self._lists.move_to_end(key)
+        return listing
+
+    def put(self, key: tuple[int, int], listing: Listing) -> None:
+        if len(listing) > self.max_entries:
+            return
+        old = self._lists.pop(key, None)
+        if old is not None:
+            self.entries -= len(old)
+        self._lists[key] = listing
+        self.entries += len(listing)
+        while self.entries > self.max_entries:
+            _, victim = self._lists.popitem(last=False)
+            self.entries -= len(victim)
+
+    def drop_slot(self, slot: int) -> None:
+        for key in [k for k in self._lists if k[0] == slot]:
+            self.entries -= len(self._lists.pop(key))
+
+
 class ImageView(View):
     """One image, field for field what a kernel composefs mount of it shows.
 
@@ -220,13 +260,27 @@ class ImageView(View):
 
     kind = "image"
 
-    def __init__(self, key: str, slot: int, digest: bytes, image: Image, **kw: Any) -> None:
+    def __init__(
+        self,
+        key: str,
+        slot: int,
+        digest: bytes,
+        image: Image,
+        *,
+        listings: ListingCache | None = None,
+        **kw: Any,
+    ) -> None:
         super().__init__(key, slot, [digest], [image], **kw)
         self.image = image
+        self.listings = listings if listings is not None else ListingCache(0)
         self.root_nid = image.root_nid
         # Directory nid -> parent directory nid, learnt as directories are looked up (the
         # kernel cannot know a directory before looking it up or listing its parent).
         self._parents: dict[int, int] = {}
+
+    def close(self) -> None:
+        self.listings.drop_slot(self.slot)
+        super().close()
 
     def _nid(self, ino: int) -> int:
         if ino == self.root_ino:
@@ -269,6 +323,19 @@ class ImageView(View):
     ) -> Iterator[tuple[bytes, pyfuse3.EntryAttributes, int]]:
         """Entries from cookie ``offset`` (after ``.`` and ``..``) with their next cookies."""
         dnid = self._nid(ino)
+        listing = self.listings.get((self.slot, dnid))
+        if listing is None:
+            if offset and self.listings.max_entries == 0:
+                yield from self._read_dir(dnid, offset)
+                return
+            listing = list(self._read_dir(dnid, 0))
+            self.listings.put((self.slot, dnid), listing)
+        for i in range(offset, len(listing)):
+            yield listing[i]
+
+    def _read_dir(
+        self, dnid: int, offset: int
+    ) -> Iterator[tuple[bytes, pyfuse3.EntryAttributes, int]]:
         img = self.image
         timeout = self.timeout
         for name, nid, ft, cookie in img.readdir_plus(dnid, offset):

@@ -1,0 +1,336 @@
+"""FUSE data plane benchmark (issue 4, BRIEF §4 "read speed", "metadata" and "memory" bars).
+
+    python -m bench.fuse                 # 1 GiB of large files, a 20k-file image, 10 images
+    python -m bench.fuse --quick         # smoke run: 128 MiB, 2k files, fewer rounds
+    python -m bench.fuse --workdir DIR   # keep the generated store in DIR between runs
+
+Needs root (drop_caches, mounts, FUSE) and kernel composefs support. Measured in one run,
+medians of ``--rounds``:
+
+(1) large sequential reads (1 MiB ``readinto``) through FUSE vs reading the object files
+    directly: cold (``echo 3 > /proc/sys/vm/drop_caches`` before each) and warm;
+    bars: FUSE/direct >= 0.5 cold, >= 0.9 warm;
+(2) ``find DIR -printf`` of every entry's stat fields (inode, size, mode, owner, times: a walk
+    that lstat()s every entry) over a 20k-file image through FUSE vs a kernel composefs mount
+    of the same image, cold and warm; bars: FUSE/kernel <= 3 cold, <= 1.2 warm. ``find -ls``
+    (which also reads every symlink target) is shown warm for information;
+(3) RSS of the daemon serving 10 images, and with 100 read-only bind mounts of those views
+    (10 volumes per image) all walked; bar: <= 150 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from csi.image.fsverity import digest_bytes, digest_file
+from csi.image.tree import S_IFDIR, S_IFLNK, S_IFREG, Node, Tree, object_path
+from csi.image.writer import write_image
+from csi.store import Store
+from tests.fuse_helpers import Daemon, run_daemon
+from tests.support.kernel import mount_composefs
+
+_BUF = 1 << 20
+
+
+def drop_caches() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def read_all(paths: list[Path]) -> int:
+    buf = bytearray(_BUF)
+    view = memoryview(buf)
+    total = 0
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while True:
+                n = f.readinto(view)
+                if not n:
+                    break
+                total += n
+    return total
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+#: ``find`` printing what ``stat`` gives about every entry (inode, size, mode, owner, times):
+#: every entry is stat'ed, no symlink is read.
+_FIND_STAT = "%i %s %m %U %G %n %T@ %C@\\n"
+
+
+def walk(root: Path, fmt: str = _FIND_STAT) -> None:
+    subprocess.run(["find", str(root), "-printf", fmt], stdout=subprocess.DEVNULL, check=True)
+
+
+def walk_ls(root: Path) -> None:
+    """``find -ls``: also reads every symlink target."""
+    subprocess.run(["find", str(root), "-ls"], stdout=subprocess.DEVNULL, check=True)
+
+
+# -- setup ---------------------------------------------------------------------------------------
+
+
+def _store_object(store: Path, data: bytes) -> bytes:
+    d = digest_bytes(data)
+    p = store / "objects" / object_path(d).decode()
+    if not p.exists():
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    return d
+
+
+def large_files_image(store: Path, count: int, size: int) -> tuple[bytes, list[str]]:
+    root = Node(mode=S_IFDIR | 0o755)
+    rng = random.Random(1)
+    names = []
+    for i in range(count):
+        tmp = store / f"large-{i}.tmp"
+        with open(tmp, "wb") as f:
+            left = size
+            while left:
+                n = min(left, 8 << 20)
+                f.write(rng.randbytes(n))
+                left -= n
+        d = digest_file(tmp)
+        p = store / "objects" / object_path(d).decode()
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(p)
+        name = f"large-{i}.bin"
+        root.add(
+            name.encode(),
+            Node(mode=S_IFREG | 0o644, size=size, payload=object_path(d), digest=d),
+        )
+        names.append(name)
+    with Store(store) as s:
+        return s.add_image_bytes(write_image(Tree(root))), names
+
+
+def many_files_image(store: Path, files: int, seed: int) -> bytes:
+    """``files`` entries in 100-entry directories: small inline files, small objects, links."""
+    rng = random.Random(seed)
+    root = Node(mode=S_IFDIR | 0o755)
+    per_dir = 100
+    for di in range(max(1, files // per_dir)):
+        d = Node(mode=S_IFDIR | 0o755, mtime_sec=1_700_000_000 + di)
+        root.add(f"d{di:04d}".encode(), d)
+        for fi in range(per_dir):
+            name = f"file-{fi:03d}".encode()
+            r = rng.random()
+            if r < 0.6:
+                c = rng.randbytes(rng.randrange(1, 65))
+                d.add(name, Node(mode=S_IFREG | 0o644, size=len(c), content=c))
+            elif r < 0.9:
+                data = rng.randbytes(rng.randrange(100, 4000))
+                dg = _store_object(store, data)
+                d.add(
+                    name,
+                    Node(mode=S_IFREG | 0o644, size=len(data), payload=object_path(dg), digest=dg),
+                )
+            else:
+                d.add(name, Node(mode=S_IFLNK | 0o777, payload=b"../d0000"))
+    with Store(store) as s:
+        return s.add_image_bytes(write_image(Tree(root)))
+
+
+def prepare(work: Path, quick: bool) -> dict[str, object]:
+    params = {"quick": quick, "v": 3}
+    state = work / "state.json"
+    if state.exists():
+        saved = json.loads(state.read_text())
+        if saved.get("params") == params:
+            return dict(saved)
+    if work.exists():
+        shutil.rmtree(work)
+    store = work / "store"
+    store.mkdir(parents=True)
+    count, size = (2, 64 << 20) if quick else (4, 256 << 20)
+    large, names = large_files_image(store, count, size)
+    meta_files = 2000 if quick else 20_000
+    meta = many_files_image(store, meta_files, seed=2)
+    ten = [many_files_image(store, 500 if quick else 2000, seed=100 + i).hex() for i in range(10)]
+    out = {
+        "params": params,
+        "large": large.hex(),
+        "names": names,
+        "meta": meta.hex(),
+        "meta_files": meta_files + meta_files // 100,
+        "ten": ten,
+    }
+    state.write_text(json.dumps(out))
+    return out
+
+
+# -- measurements -------------------------------------------------------------------------------
+
+
+def bench_reads(d: Daemon, store: Path, large: bytes, names: list[str], rounds: int) -> dict:
+    view = Path(d.client.add_view([large], "bench")["path"])
+    fuse_files = [view / n for n in names]
+    with object_files(store, large) as objs:
+        direct_files = objs
+    size = sum(p.stat().st_size for p in direct_files)
+    res: dict[str, list[float]] = {
+        "direct_cold": [],
+        "fuse_cold": [],
+        "direct_warm": [],
+        "fuse_warm": [],
+    }
+    for _ in range(rounds):
+        drop_caches()
+        res["direct_cold"].append(size / timed(lambda: read_all(direct_files)))
+        drop_caches()
+        res["fuse_cold"].append(size / timed(lambda: read_all(fuse_files)))
+        read_all(direct_files)
+        res["direct_warm"].append(size / timed(lambda: read_all(direct_files)))
+        read_all(fuse_files)
+        res["fuse_warm"].append(size / timed(lambda: read_all(fuse_files)))
+    return {k: statistics.median(v) for k, v in res.items()} | {"bytes": size}
+
+
+@contextlib.contextmanager
+def object_files(store: Path, digest: bytes) -> Iterator[list[Path]]:
+    """The object files of an image, in image order."""
+    from csi.image.reader import Image as Reader
+
+    with Reader.open(store / "images" / digest.hex()) as img:
+        paths = []
+        for _name, nid, _ in img.readdir(img.root_nid):
+            ref = img.backing(nid)
+            if ref is not None and ref[1] is not None:
+                paths.append(store / "objects" / object_path(ref[1]).decode())
+        yield paths
+
+
+def bench_walk(d: Daemon, store: Path, meta: bytes, rounds: int) -> dict:
+    view = Path(d.client.add_view([meta], "bench")["path"])
+    keys = (
+        "fuse_cold",
+        "kernel_cold",
+        "fuse_warm",
+        "kernel_warm",
+        "fuse_ls_warm",
+        "kernel_ls_warm",
+    )
+    res: dict[str, list[float]] = {k: [] for k in keys}
+    with mount_composefs(store / "images" / meta.hex(), store / "objects") as k:
+        for _ in range(rounds):
+            drop_caches()
+            res["kernel_cold"].append(timed(lambda: walk(k)))
+            drop_caches()
+            res["fuse_cold"].append(timed(lambda: walk(view)))
+            walk(k)
+            res["kernel_warm"].append(timed(lambda: walk(k)))
+            walk(view)
+            res["fuse_warm"].append(timed(lambda: walk(view)))
+            walk_ls(k)
+            res["kernel_ls_warm"].append(timed(lambda: walk_ls(k)))
+            walk_ls(view)
+            res["fuse_ls_warm"].append(timed(lambda: walk_ls(view)))
+    return {k: statistics.median(v) for k, v in res.items()}
+
+
+def bench_memory(d: Daemon, ten: list[bytes], work: Path) -> dict:
+    base_kb = d.rss_kb()
+    views = [Path(d.client.add_view([dg], f"bench-{i}")["path"]) for i, dg in enumerate(ten)]
+    for v in views:
+        walk(v)
+    ten_kb = d.rss_kb()
+    binds = work / "binds"
+    binds.mkdir(exist_ok=True)
+    mounted: list[Path] = []
+    try:
+        for i in range(100):
+            target = binds / f"vol-{i:03d}"
+            target.mkdir(exist_ok=True)
+            subprocess.run(
+                ["mount", "--bind", "-o", "ro", str(views[i % 10]), str(target)], check=True
+            )
+            mounted.append(target)
+        for t in mounted:
+            walk(t)
+        hundred_kb = d.rss_kb()
+    finally:
+        for t in mounted:
+            subprocess.run(["umount", str(t)], check=False)
+    return {
+        "idle_mb": base_kb / 1024,
+        "ten_images_mb": ten_kb / 1024,
+        "hundred_volumes_mb": hundred_kb / 1024,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--workdir", type=Path, default=None)
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench.fuse needs root (drop_caches, mounts)")
+        return 2
+    rounds = args.rounds or (1 if args.quick else 3)
+    work = args.workdir or Path(tempfile.gettempdir()) / (
+        "cfs-bench-fuse" + ("-quick" if args.quick else "")
+    )
+    t0 = time.monotonic()
+    st = prepare(work, args.quick)
+    print(f"setup: {time.monotonic() - t0:.1f} s ({work})")
+    store = work / "store"
+    with run_daemon(store, work=work) as d:
+        r = bench_reads(d, store, bytes.fromhex(str(st["large"])), list(st["names"]), rounds)  # type: ignore[arg-type]
+        w = bench_walk(d, store, bytes.fromhex(str(st["meta"])), rounds)
+    with run_daemon(store, work=work) as d:
+        m = bench_memory(d, [bytes.fromhex(h) for h in st["ten"]], work)  # type: ignore[attr-defined]
+    mb = 1e6
+    cold = r["fuse_cold"] / r["direct_cold"]
+    warm = r["fuse_warm"] / r["direct_warm"]
+    wc = w["fuse_cold"] / w["kernel_cold"]
+    ww = w["fuse_warm"] / w["kernel_warm"]
+    print(f"sequential read of {r['bytes'] / mb:.0f} MB (median of {rounds}):")
+    print(
+        f"  cold: direct {r['direct_cold'] / mb:.0f} MB/s, FUSE {r['fuse_cold'] / mb:.0f} MB/s"
+        f" -> ratio {cold:.2f} (bar >= 0.5) {'PASS' if cold >= 0.5 else 'FAIL'}"
+    )
+    print(
+        f"  warm: direct {r['direct_warm'] / mb:.0f} MB/s, FUSE {r['fuse_warm'] / mb:.0f} MB/s"
+        f" -> ratio {warm:.2f} (bar >= 0.9) {'PASS' if warm >= 0.9 else 'FAIL'}"
+    )
+    print(f"find + stat of every entry of the {st['meta_files']}-entry image (median):")
+    print(
+        f"  cold: kernel {w['kernel_cold']:.3f} s, FUSE {w['fuse_cold']:.3f} s"
+        f" -> ratio {wc:.2f} (bar <= 3) {'PASS' if wc <= 3 else 'FAIL'}"
+    )
+    print(
+        f"  warm: kernel {w['kernel_warm']:.3f} s, FUSE {w['fuse_warm']:.3f} s"
+        f" -> ratio {ww:.2f} (bar <= 1.2) {'PASS' if ww <= 1.2 else 'FAIL'}"
+    )
+    ls = w["fuse_ls_warm"] / w["kernel_ls_warm"]
+    print(
+        f"  (find -ls, which also reads every symlink target, warm: kernel "
+        f"{w['kernel_ls_warm']:.3f} s, FUSE {w['fuse_ls_warm']:.3f} s -> ratio {ls:.2f})"
+    )
+    print(
+        f"daemon RSS: idle {m['idle_mb']:.0f} MB, 10 images walked {m['ten_images_mb']:.0f} MB,"
+        f" 100 bind-mounted volumes walked {m['hundred_volumes_mb']:.0f} MB (bar <= 150)"
+        f" {'PASS' if m['hundred_volumes_mb'] <= 150 else 'FAIL'}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,191 @@
+"""Data plane pieces that need no mount: inode numbers, the descriptor cache, the control
+protocol and its client, and the view logic (image and composition) over in-memory images."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+import trio
+
+from csi.fuse.client import DataPlaneClient, DataPlaneError
+from csi.fuse.control import ControlError, serve_connection
+from csi.fuse.daemon import view_key
+from csi.fuse.inodes import MAX_SLOT, NID_MASK, make_ino, split_ino
+from csi.fuse.objects import FdCache
+from csi.fuse.views import CompositionView, ImageView, ListingCache, ViewError
+from csi.image.reader import Image
+from csi.image.tree import S_IFCHR, S_IFDIR, S_IFREG, Node, Tree
+from csi.image.writer import write_image
+
+
+def test_inode_numbers_round_trip_and_never_collide() -> None:
+    seen = set()
+    for slot in (0, 1, 2, MAX_SLOT):
+        for layer in (0, 1, 255):
+            for nid in (36, 37, NID_MASK):
+                ino = make_ino(slot, layer, nid)
+                assert split_ino(ino) == (slot, layer, nid)
+                assert ino & NID_MASK == nid
+                assert 0 < ino < 1 << 63
+                seen.add(ino)
+    assert len(seen) == 4 * 3 * 3
+    with pytest.raises(ValueError):
+        make_ino(1, 0, NID_MASK + 1)
+    with pytest.raises(ValueError):
+        make_ino(MAX_SLOT + 1, 0, 36)
+
+
+def test_view_keys() -> None:
+    a, b = b"\x01" * 32, b"\x02" * 32
+    assert view_key([a], False) == a.hex()
+    assert view_key([a, b], True).startswith("c-")
+    assert view_key([a, b], True) != view_key([b, a], True)
+    assert view_key([a], True) != view_key([a], False)
+
+
+def test_fd_cache_bounds_idle_descriptors_and_never_closes_used_ones(tmp_path: Path) -> None:
+    cache = FdCache(max_idle=2)
+    files = []
+    for i in range(4):
+        p = tmp_path / f"o{i}"
+        p.write_bytes(b"x")
+        files.append(cache.insert(bytes([i]) * 32, os.open(p, os.O_RDONLY)))
+    assert len(cache) == 4
+    for f in files:
+        cache.release(f)
+    assert len(cache) == 2  # the two least recently released were closed
+    with pytest.raises(OSError):
+        os.fstat(files[0].fd)
+    again = cache.acquire(bytes([3]) * 32)
+    assert again is files[3]
+    cache.close_all()
+    os.fstat(again.fd)  # still in use: kept until released
+    cache.release(again)
+    with pytest.raises(OSError):
+        os.fstat(again.fd)
+
+
+def test_fd_cache_race_keeps_one_descriptor(tmp_path: Path) -> None:
+    p = tmp_path / "o"
+    p.write_bytes(b"x")
+    cache = FdCache(4)
+    a = cache.insert(b"k" * 32, os.open(p, os.O_RDONLY))
+    second = os.open(p, os.O_RDONLY)
+    b = cache.insert(b"k" * 32, second)
+    assert a is b and a.refs == 2
+    with pytest.raises(OSError):
+        os.fstat(second)
+
+
+def _serve_once(sock_path: Path, handlers: dict) -> threading.Thread:  # type: ignore[type-arg]
+    ready = threading.Event()
+
+    async def main() -> None:
+        listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        await listener.bind(str(sock_path))
+        listener.listen(4)
+        ready.set()
+        conn, _ = await listener.accept()
+        await serve_connection(trio.SocketStream(conn), handlers)
+        listener.close()
+
+    t = threading.Thread(target=trio.run, args=(main,), daemon=True)
+    t.start()
+    ready.wait(10)
+    return t
+
+
+def test_control_protocol_round_trip(tmp_path: Path) -> None:
+    async def echo(req: dict) -> dict:  # type: ignore[type-arg]
+        return {"got": req}
+
+    async def fail(req: dict) -> None:  # type: ignore[type-arg]
+        raise ControlError("not_found", "no such image")
+
+    sock = tmp_path / "c.sock"
+    t = _serve_once(sock, {"ping": echo, "add_view": fail})
+    client = DataPlaneClient(sock)
+    assert client.call("ping", x=1) == {"got": {"x": 1}}
+    t.join(10)
+    t = _serve_once(sock.with_name("d.sock"), {"add_view": fail})
+    with pytest.raises(DataPlaneError) as e:
+        DataPlaneClient(sock.with_name("d.sock")).add_view([b"\0" * 32], "h")
+    assert e.value.code == "not_found" and "no such image" in str(e.value)
+    t.join(10)
+    t = _serve_once(sock.with_name("e.sock"), {})
+    import socket
+
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(str(sock.with_name("e.sock")))
+    s.sendall(b"not json\n" + json.dumps({"op": "nope"}).encode() + b"\n")
+    replies = b""
+    while replies.count(b"\n") < 2:
+        replies += s.recv(4096)
+    s.close()
+    first, second = (json.loads(x) for x in replies.splitlines())
+    assert first["error"]["code"] == "invalid_argument"
+    assert second["error"]["code"] == "invalid_argument" and "nope" in second["error"]["message"]
+    t.join(10)
+
+
+# -- views over in-memory images ---------------------------------------------------------------
+
+
+def _img(tree: Tree) -> Image:
+    return Image(write_image(tree))
+
+
+def _names(view: ImageView | CompositionView, ino: int) -> list[str]:
+    view.dir_listing(ino)
+    return [n.decode() for n, _, _ in view.readdir(ino, 0)]
+
+
+def test_image_view_numbers_and_listing() -> None:
+    t = Tree.empty()
+    assert t.root.entries is not None
+    t.root.add(b"d", Node(mode=S_IFDIR | 0o755))
+    t.root.add(b"f", Node(mode=S_IFREG | 0o600, size=3, content=b"abc"))
+    t.root.add(b"w", Node(mode=S_IFCHR | 0o644, rdev=0))  # shown as an escaped whiteout
+    img = _img(t)
+    v = ImageView("k", 3, b"\0" * 32, img, timeout=5.0, listings=ListingCache(100))
+    assert v.root_ino == make_ino(3, 0, img.root_nid)
+    assert _names(v, v.root_ino) == ["d", "f", "w"]
+    f = v.lookup(v.root_ino, b"f")
+    assert f is not None and f.st_ino & NID_MASK == img.lookup(img.root_nid, b"f")
+    assert f.st_size == 3 and stat.S_IMODE(f.st_mode) == 0o600
+    missing = v.lookup(v.root_ino, b"nope")
+    assert missing is None
+    ref = v.file(f.st_ino)
+    assert ref.digest is None and ref.image.read_inline(ref.nid, 0, 10) == b"abc"
+    with pytest.raises(ViewError):
+        v.getattr(make_ino(4, 0, img.root_nid))  # another view's number
+
+
+def test_composition_view_rules_without_a_mount() -> None:
+    low, up = Tree.empty(), Tree.empty()
+    assert low.root.entries is not None and up.root.entries is not None
+    for name in (b"a", b"gone", b"oci-gone"):
+        low.root.add(name, Node(mode=S_IFREG | 0o644))
+    low.root.add(b"dir", Node(mode=S_IFDIR | 0o755))
+    low.root.entries[b"dir"].add(b"low", Node(mode=S_IFREG | 0o644))  # type: ignore[union-attr]
+    up.root.add(b"dir", Node(mode=S_IFDIR | 0o700))
+    up.root.entries[b"dir"].add(b"up", Node(mode=S_IFREG | 0o644))  # type: ignore[union-attr]
+    up.root.add(b"gone", Node(mode=S_IFCHR | 0o644, rdev=0))
+    up.root.add(b".wh.oci-gone", Node(mode=S_IFREG | 0o644))
+    up.root.add(b"b", Node(mode=S_IFREG | 0o644))
+    v = CompositionView("c", 5, [b"\1" * 32, b"\2" * 32], [_img(low), _img(up)], timeout=5.0)
+    assert sorted(_names(v, v.root_ino)) == ["a", "b", "dir"]
+    d = v.lookup(v.root_ino, b"dir")
+    assert d is not None and d.st_nlink == 1 and stat.S_IMODE(d.st_mode) == 0o700
+    assert sorted(_names(v, d.st_ino)) == ["low", "up"]
+    assert v.lookup(v.root_ino, b"gone") is None
+    assert v.lookup(v.root_ino, b".wh.oci-gone") is None
+    a = v.lookup(v.root_ino, b"a")
+    assert a is not None and split_ino(a.st_ino)[1] == 0  # from the lower layer
+    b = v.lookup(v.root_ino, b"b")
+    assert b is not None and split_ino(b.st_ino)[1] == 1
