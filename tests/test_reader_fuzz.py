@@ -34,7 +34,17 @@ from tests import writer_trees as wt
 EXAMPLES = int(os.environ.get("CFS_FUZZ_EXAMPLES", "2400"))
 HYPOTHESIS_EXAMPLES = int(os.environ.get("CFS_FUZZ_HYPOTHESIS", "400"))
 SEED0 = int(os.environ.get("CFS_FUZZ_SEED", "0"))
-BASES = ("basic", "xattrs", "hardlinks", "whiteouts", "symlinks", "names_order", "acl")
+BASES = (
+    "basic",
+    "xattrs",
+    "hardlinks",
+    "whiteouts",
+    "symlinks",
+    "names_order",
+    "acl",
+    "inline_sizes",
+    "big_directories",
+)
 #: Bounds of the lazy walk of one mutant (the reader's own work is bounded by the image size).
 MAX_NODES = 3000
 
