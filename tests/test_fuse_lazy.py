@@ -141,7 +141,9 @@ def test_lazy_view_reads_wait_only_for_their_own_object(world: tuple) -> None:  
 
     for data in files.values():
         gated.gate(digest_bytes(data))  # every object held back
-    with run_daemon(store, repositories={"main": url}, prefetch_threads=2) as d:
+    with run_daemon(
+        store, repositories={"main": {"urls": [url], "allow_plain_http": True}}, prefetch_threads=2
+    ) as d:
         view = Path(d.client.add_view([digest], "pod-a", lazy=True, repository="main")["path"])
         # Listable and stat-able at once: nothing of the objects is needed.
         assert sorted(os.listdir(view)) == sorted(
@@ -185,7 +187,7 @@ def test_failed_lazy_fetch_is_eio_not_a_hang(world: tuple) -> None:  # type: ign
 
     h = digest_bytes(files["f5"]).hex()
     gated.missing.add(f"/objects/{h[:2]}/{h[2:]}")
-    with run_daemon(store, repositories={"main": url}) as d:
+    with run_daemon(store, repositories={"main": {"urls": [url], "allow_plain_http": True}}) as d:
         view = Path(d.client.add_view([digest], "pod-a", lazy=True)["path"])
         with pytest.raises(OSError) as e:
             (view / "f5").read_bytes()
@@ -196,7 +198,7 @@ def test_failed_lazy_fetch_is_eio_not_a_hang(world: tuple) -> None:  # type: ign
 
 def test_eager_view_of_missing_objects_is_enoent(world: tuple) -> None:  # type: ignore[type-arg]
     _gated, url, store, digest, files = world
-    with run_daemon(store, repositories={"main": url}) as d:
+    with run_daemon(store, repositories={"main": {"urls": [url], "allow_plain_http": True}}) as d:
         view = Path(d.client.add_view([digest], "pod-a")["path"])
         with pytest.raises(FileNotFoundError):
             (view / "f4").read_bytes()

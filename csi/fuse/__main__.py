@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from csi.fetch.config import RepositoryConfig
+
 from .config import DataPlaneConfig
 from .daemon import run_daemon
 
@@ -24,6 +26,11 @@ def config_from_dict(data: dict[str, Any]) -> DataPlaneConfig:
         d[key] = Path(d[key])
     if "mount_options" in d:
         d["mount_options"] = tuple(d["mount_options"])
+    # A repository is a URL/path string or a mapping of RepositoryConfig fields.
+    d["repositories"] = {
+        name: spec if isinstance(spec, str) else RepositoryConfig.from_dict({"name": name, **spec})
+        for name, spec in d.get("repositories", {}).items()
+    }
     return DataPlaneConfig(**d)
 
 

@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from csi.fetch.config import RepositoryConfig
+
 #: Mount options used unless the configuration says otherwise.
 DEFAULT_MOUNT_OPTIONS: tuple[str, ...] = ("ro", "nosuid", "nodev", "allow_other")
 
@@ -26,7 +28,7 @@ class DataPlaneConfig:
     mountpoint: Path
     control_socket: Path
     store: Path
-    repositories: Mapping[str, str] = field(default_factory=dict)
+    repositories: Mapping[str, str | RepositoryConfig] = field(default_factory=dict)
     default_repository: str | None = None
     mount_options: tuple[str, ...] = DEFAULT_MOUNT_OPTIONS
     #: BDI read-ahead of the mount in KiB, written after mounting (0: leave the kernel default).

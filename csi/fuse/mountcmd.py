@@ -20,7 +20,7 @@ from csi.store.writer import ObjectWriter
 from . import mounting
 from .config import DEFAULT_MOUNT_OPTIONS, DataPlaneConfig
 from .daemon import DataPlane
-from .sources import RepositoryObjectSource, StoreHandle, repository_config
+from .sources import RepositoryObjectSource, StoreHandle
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +48,16 @@ def mount_command(
     lazy: bool = False,
     mount_options: tuple[str, ...] = DEFAULT_MOUNT_OPTIONS,
     read_ahead_kb: int = 1024,
+    allow_plain_http: bool = False,
 ) -> int:
     """Fetch and mount ``ref`` at ``mountpoint`` until interrupted; returns an exit status.
 
-    Raises :class:`csi.fetch.FetchError` when the image cannot be fetched.
+    ``repository`` is a URL or path, or several (mirrors, tried in order). Plain ``http://``
+    is refused unless ``allow_plain_http``. Raises :class:`csi.fetch.FetchError` when the
+    image cannot be fetched.
     """
     urls = (repository,) if isinstance(repository, str) else tuple(repository)
-    config = repository_config("default", urls[0])
-    if len(urls) > 1:
-        config = RepositoryConfig(
-            name="default", urls=urls, allow_plain_http=any(u.startswith("http:") for u in urls)
-        )
+    config = RepositoryConfig(name="default", urls=urls, allow_plain_http=allow_plain_http)
     mountpoint = Path(mountpoint).absolute()
     store_dir = Path(store_dir).absolute()
     holder = f"mount:{mountpoint}"

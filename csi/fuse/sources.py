@@ -13,10 +13,14 @@ from .objects import ObjectSource
 
 
 def repository_config(name: str, spec: str | RepositoryConfig) -> RepositoryConfig:
-    """A repository configuration from a URL (or local path), or the configuration itself."""
+    """A repository configuration from a URL (or local path), or the configuration itself.
+
+    A bare URL gets the defaults, so a plain ``http://`` one is refused: configure a
+    :class:`RepositoryConfig` with ``allow_plain_http`` to use one.
+    """
     if isinstance(spec, RepositoryConfig):
         return spec
-    return RepositoryConfig(name=name, urls=(spec,), allow_plain_http=spec.startswith("http:"))
+    return RepositoryConfig(name=name, urls=(spec,))
 
 
 class StoreHandle:
