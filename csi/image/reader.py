@@ -55,7 +55,7 @@ _SUPPORTED_VERSIONS: Final = (0, 1, 2)
 _HEADER = struct.Struct("<IIII")  # magic, version, flags, composefs_version
 # magic, checksum, feature_compat, blkszbits, sb_extslots, root_nid, inos, build_time,
 # build_time_nsec, blocks, meta_blkaddr, xattr_blkaddr
-_SUPER = struct.Struct("<IIIBBHQQIIII")
+_SUPER = struct.Struct("<IIIBBHQqIIII")  # build_time is signed, as libcomposefs writes it
 _SUPER_INCOMPAT = struct.Struct("<I")  # feature_incompat at superblock offset 80
 _SUPER_SIZE: Final = 128
 # i_format, i_xattr_icount, i_mode, i_nlink, i_size, reserved, i_u, i_ino, i_uid, i_gid
@@ -63,7 +63,7 @@ _COMPACT = struct.Struct("<HHHHIIIIHH")
 _COMPACT_SIZE: Final = 32
 # i_format, i_xattr_icount, i_mode, reserved, i_size, i_u, i_ino, i_uid, i_gid, i_mtime,
 # i_mtime_nsec, i_nlink
-_EXTENDED = struct.Struct("<HHHHQIIIIQII")
+_EXTENDED = struct.Struct("<HHHHQIIIIqII")  # i_mtime signed (pre-1970 mtimes)
 _EXTENDED_SIZE: Final = 64
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
@@ -79,6 +79,7 @@ LAYOUT_FLAT_PLAIN: Final = 0
 LAYOUT_FLAT_INLINE: Final = 2
 LAYOUT_CHUNK_BASED: Final = 4
 _CHUNK_FORMAT_BLKBITS: Final = 0x1F
+_U64_MAX: Final = (1 << 64) - 1
 _PATH_MAX: Final = 4096
 _NAME_MAX: Final = 255
 
@@ -140,7 +141,9 @@ class Attr:
     nlink: int
     #: ``i_size``: content size of files, target length of symlinks, EROFS size of directories.
     size: int
+    #: Signed seconds (negative before 1970).
     mtime_sec: int
+    #: As stored (a u32: libcomposefs keeps values past 10^9 from dumps; normalise for stat).
     mtime_nsec: int
     #: Device number (raw ``st_rdev``) of character and block devices, else 0.
     rdev: int
@@ -313,8 +316,6 @@ class Image:
         (incompat,) = _SUPER_INCOMPAT.unpack_from(self._buf, _SUPER_OFFSET + 80)
         if incompat & ~_INCOMPAT_OK:
             raise FormatError(f"unsupported EROFS incompatible features {incompat:#x}")
-        if build_time_nsec >= 1_000_000_000:
-            raise FormatError(f"superblock build_time_nsec {build_time_nsec} out of range")
         if blocks * BLOCK_SIZE > n:
             raise FormatError(
                 f"superblock says {blocks} blocks but the image has {n} bytes (truncated?)"
@@ -368,8 +369,6 @@ class Image:
                 nlink,
             ) = _EXTENDED.unpack_from(buf, off)
             isize = _EXTENDED_SIZE
-            if mtime_nsec >= 1_000_000_000:
-                raise FormatError(f"nid {nid}: mtime nanoseconds {mtime_nsec} out of range")
         else:
             (_f, icount, mode, nlink, size, _r, i_u, i_ino, uid, gid) = _COMPACT.unpack_from(
                 buf, off
@@ -393,7 +392,8 @@ class Image:
             if cfmt & ~_CHUNK_FORMAT_BLKBITS:
                 raise FormatError(f"nid {nid}: unsupported chunk format {cfmt:#x}")
             bits = BLOCK_BITS + cfmt
-            count = (size + (1 << bits) - 1) >> bits
+            # 64-bit arithmetic as libcomposefs: wraps for sizes within a chunk of 2^64
+            count = ((size + (1 << bits) - 1) & _U64_MAX) >> bits
             if doff + 4 * count > n:
                 raise FormatError(
                     f"nid {nid}: chunk table of {count} chunks past end of image (size {n})"
