@@ -8,6 +8,10 @@ removes exactly those, so it is safe to run while other processes are writing.
 Protocol (no race between a writer and a cleaner): the writer creates the file, locks it,
 then checks the file still has a link; the cleaner removes a file only while holding its
 lock. A writer that loses the race sees ``st_nlink == 0`` and starts over.
+
+Cross-process mutual exclusion per key (one writer per digest) uses :class:`KeyLocks`: OFD
+byte-range locks on one fixed file, ``locks/keys.lock``, at an offset derived from the key.
+Nothing is created or removed per key, and the kernel drops the locks of a dead process.
 """
 
 from __future__ import annotations
@@ -17,10 +21,17 @@ import errno
 import fcntl
 import os
 import secrets
+import struct
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 LOCKS_DIR = "locks"
+#: The file holding every :class:`KeyLocks` range lock (inside ``LOCKS_DIR``; never cleaned).
+KEY_LOCKS_FILE = "keys.lock"
+
+# struct flock (Linux, 64-bit off_t): l_type, l_whence, l_start, l_len, l_pid, padding.
+_FLOCK = "@hhqqi4x"
 
 
 def pid_alive(pid: int) -> bool:
@@ -62,8 +73,13 @@ class TempFile:
         if not replace and os.path.lexists(final):
             self.discard()
             return False
-        final.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        os.rename(self.path, final)
+        try:
+            os.rename(self.path, final)
+        except FileNotFoundError:
+            if self.lock_fd < 0 or os.fstat(self.lock_fd).st_nlink == 0:
+                raise  # the temp file itself is gone
+            final.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+            os.rename(self.path, final)
         self._release()
         return True
 
@@ -87,24 +103,99 @@ class TempFile:
         self.discard()
 
 
+class KeyLocks:
+    """Exclusive locks named by a byte string, across threads and processes.
+
+    Each lock is an OFD (open file description) write lock on one byte of ``path``, at an
+    offset taken from the key's first 62 bits (keys are digests: distinct keys practically
+    never share an offset, and if they did they would only wait for each other). Every
+    holder locks through a descriptor of its own (pooled), so threads of one process
+    exclude each other too. A dead process's locks vanish with it.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._mu = threading.Lock()
+        self._free: list[int] = []
+        self._pid = os.getpid()
+
+    def _take_fd(self) -> int:
+        with self._mu:
+            if self._pid != os.getpid():  # forked: the inherited descriptors share our locks
+                self._free, self._pid = [], os.getpid()
+            if self._free:
+                return self._free.pop()
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except FileNotFoundError:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    def _give_fd(self, fd: int) -> None:
+        with self._mu:
+            if self._pid == os.getpid():
+                self._free.append(fd)
+                return
+        os.close(fd)
+
+    @staticmethod
+    def offset(key: bytes) -> int:
+        return int.from_bytes(key[:8].ljust(8, b"\0"), "big") >> 2
+
+    @contextlib.contextmanager
+    def hold(self, key: bytes) -> Iterator[None]:
+        """Hold the lock named ``key`` while the block runs (blocks until acquired)."""
+        off = self.offset(key)
+        fd = self._take_fd()
+        try:
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLKW, struct.pack(_FLOCK, fcntl.F_WRLCK, 0, off, 1, 0))
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            yield
+        finally:
+            try:
+                fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack(_FLOCK, fcntl.F_UNLCK, 0, off, 1, 0))
+            except OSError:
+                os.close(fd)  # closing the last descriptor of the OFD drops its locks
+            else:
+                self._give_fd(fd)
+
+    def close(self) -> None:
+        """Close the pooled descriptors (locks in use stay held until released)."""
+        with self._mu:
+            free, self._free = self._free, []
+        for fd in free:
+            os.close(fd)
+
+
 class TempArea:
     """``<repo>/.tmp``: temp files, temp symlinks and lock files."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._dirs_ok = False
+        #: Per-key cross-process locks (see :class:`KeyLocks`).
+        self.key_locks = KeyLocks(path / LOCKS_DIR / KEY_LOCKS_FILE)
 
     def ensure_dirs(self) -> None:
         (self.path / LOCKS_DIR).mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._dirs_ok = True
 
     def create(self, tag: str = "obj") -> TempFile:
         """A new, empty, locked temp file (mode 0600 until the caller changes it)."""
-        self.ensure_dirs()
+        if not self._dirs_ok:
+            self.ensure_dirs()
         pid = os.getpid()
         while True:
             path = self.path / f"{pid}-{secrets.token_hex(8)}.{tag}.tmp"
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             except FileExistsError:
+                continue
+            except FileNotFoundError:  # the temp area was removed behind our back
+                self.ensure_dirs()
                 continue
             try:
                 lock_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -169,6 +260,8 @@ class TempArea:
             for e in entries:
                 if e.is_dir(follow_symlinks=False):
                     continue
+                if e.name == KEY_LOCKS_FILE and d != self.path:
+                    continue  # permanent; its range locks are held by live processes
                 if e.is_symlink():
                     removed += self._clean_symlink(Path(e.path))
                 else:

@@ -107,6 +107,18 @@ class StateDB:
             (digest, size, kind, time.time(), int(verity)),
         )
 
+    def record_objects(
+        self, cur: sqlite3.Cursor, rows: Iterable[tuple[bytes, int, str, bool]]
+    ) -> None:
+        """:meth:`record_object` for many (digest, size, kind, verity) rows at once."""
+        now = time.time()
+        cur.executemany(
+            "INSERT INTO objects VALUES (?, ?, ?, ?, ?) ON CONFLICT(digest) DO UPDATE SET "
+            "size = excluded.size, verity = max(verity, excluded.verity), "
+            "kind = CASE WHEN excluded.kind = 'image' THEN 'image' ELSE kind END",
+            ((d, size, kind, now, int(verity)) for d, size, kind, verity in rows),
+        )
+
     def record_image(self, cur: sqlite3.Cursor, digest: bytes, objects: Iterable[bytes]) -> None:
         cur.execute(
             "INSERT OR IGNORE INTO images VALUES (?, ?)",

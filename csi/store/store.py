@@ -3,12 +3,20 @@
 Concurrency model:
 
 * ``ensure`` is single-flight: in-process, one thread per digest runs ``fill`` while the others
-  wait on an event; across processes, a per-digest lock file in the temp area does the same.
-* The store directory itself is ``flock``'d: shared while a file is published and recorded
+  wait on an event; across processes, a per-digest lock (an OFD byte-range lock on one file of
+  the temp area, :class:`csi.repo.tmpfiles.KeyLocks`) does the same.
+* Group commit: a writer whose temp file is complete and verified submits it to
+  :class:`csi.repo.batch.GroupCommit`. One submitter at a time leads a flush for everything
+  pending: one ``syncfs`` plus a per-file writeback-error check, then the renames and one
+  SQLite transaction recording them all. A name appears only after its bytes are durable; a
+  file whose flush failed is not named (its writer gets the error, its temp file is removed).
+* The store directory itself is ``flock``'d: shared while files are published and recorded
   (and while leases and pins change), exclusive for GC, fsck repairs and start-up recovery.
   ``fill`` runs outside that lock: its temp file is invisible to GC.
-* Lock order: per-digest lock, then the store lock, then the in-process DB mutex. GC takes
-  only the store lock, so it can run from inside ``ensure`` (to make room) without deadlock.
+* Lock order: per-digest lock, then the store lock, then the in-process DB mutex. A flush
+  leader holds its own per-digest lock and takes the store lock; GC takes only the store
+  lock, so it can run from inside ``ensure`` (to make room) without deadlock.
+* Gauges are set from the one-row totals after each flush, not recounted per insert.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from typing import Any, Literal
 
 from csi.image.fsverity import digest_bytes, digest_file
 from csi.repo import layout
+from csi.repo.batch import GroupCommit, make_durable
 from csi.repo.repository import Progress, Repository
 from csi.repo.tmpfiles import TempFile, pid_alive
 from csi.repo.verity import UNSUPPORTED_ERRNOS, enable_verity
@@ -60,6 +69,29 @@ def default_image_parser(data: bytes) -> set[bytes]:
         return {bytes(d) for d in img.object_digests()}
     except errors.FormatError as e:
         raise ImageRejected(f"not a valid composefs image: {e}") from e
+
+
+class _Pending:
+    """A verified temp file waiting for the group commit to make it durable and name it."""
+
+    __slots__ = ("digest", "kind", "published", "refs", "size", "tmp", "verity")
+
+    def __init__(
+        self,
+        digest: bytes,
+        tmp: TempFile,
+        kind: Kind,
+        size: int,
+        verity: bool,
+        refs: set[bytes] | None,
+    ) -> None:
+        self.digest = digest
+        self.tmp = tmp
+        self.kind = kind
+        self.size = size
+        self.verity = verity
+        self.refs = refs
+        self.published = False
 
 
 class _Flight:
@@ -109,11 +141,13 @@ class Store:
         self._flights_mu = threading.Lock()
         self._gc_mu = threading.Lock()
         self._gc_floor = -1  # store bytes after the last capacity GC
+        self._group: GroupCommit[_Pending] = GroupCommit(self._commit_group)
         (self.root / QUARANTINE_DIR).mkdir(mode=0o700, exist_ok=True)
         self.repo.tmp.ensure_dirs()
         self.db = StateDB(self.root / STATE_DB)
         self._closed = False
         self.recovery = self._recover()
+        self._used = 0  # store bytes as of the last flush or gauge update
         self._update_gauges()
 
     # -- plumbing --------------------------------------------------------------------------
@@ -131,6 +165,7 @@ class Store:
         if not self._closed:
             self._closed = True
             self.db.close()
+            self.repo.tmp.key_locks.close()
 
     def __enter__(self) -> Store:
         return self
@@ -140,6 +175,7 @@ class Store:
 
     def _update_gauges(self) -> None:
         u = self.usage()
+        self._used = u.bytes
         m.STORE_BYTES.set(u.bytes)
         m.STORE_OBJECTS.set(u.files)
         m.STORE_IMAGES.set(u.images)
@@ -234,7 +270,7 @@ class Store:
                     return False
                 continue  # the leader failed: compete to run our own fill
             try:
-                with self.repo.tmp.lock(digest.hex()):
+                with self.repo.tmp.key_locks.hold(digest):
                     if self._present(digest, kind):
                         return False
                     stored = self._write(digest, fill, kind, size_hint, refs)
@@ -271,25 +307,12 @@ class Store:
                 if kind == "image" and refs is None:
                     refs = self._parse_tmp(tmp, size)
                 os.fchmod(tmp.fd, 0o644)
-                if self._fsync:
-                    os.fsync(tmp.fd)
                 tmp.close_write()
+                # before the flush, so the flush makes the Merkle tree durable too
                 verity = self._try_verity(tmp.lock_fd)
-                with self._lock(exclusive=False):
-                    published = tmp.publish(self.repo.object_path(digest))
-                    try:
-                        with self.db.tx() as cur:
-                            self.db.record_object(cur, digest, size, kind, verity)
-                            if kind == "image":
-                                assert refs is not None
-                                self.db.record_image(cur, digest, refs)
-                    except BaseException:
-                        if published:  # keep state and disk in step
-                            with contextlib.suppress(OSError):
-                                os.unlink(self.repo.object_path(digest))
-                        raise
-                    if kind == "image":
-                        self.repo.link_image(digest)
+                pending = _Pending(digest, tmp, kind, size, verity, refs)
+                self._group.submit(pending)
+                published = pending.published
                 if published:
                     m.OBJECTS_ADDED.inc()
                     m.BYTES_ADDED.inc(size)
@@ -323,6 +346,66 @@ class Store:
                     + (f"; GC errors: {'; '.join(gc_done.errors)}" if gc_done.errors else "")
                 ) from e
 
+    def _commit_group(self, items: list[_Pending]) -> list[BaseException | None]:
+        """Flush leader: make ``items`` durable, name them, record them in one transaction."""
+        out: list[BaseException | None] = [None] * len(items)
+        if self._fsync:
+            for i, err in enumerate(make_durable(self.root, [p.tmp for p in items])):
+                out[i] = err
+        ok = [i for i in range(len(items)) if out[i] is None]
+        if not ok:
+            return out
+        try:
+            with self._lock(exclusive=False):
+                named: list[int] = []
+                for i in ok:
+                    p = items[i]
+                    try:
+                        p.published = p.tmp.publish(self.repo.object_path(p.digest))
+                    except Exception as e:
+                        out[i] = e
+                    else:
+                        named.append(i)
+                try:
+                    with self.db.tx() as cur:
+                        self.db.record_objects(
+                            cur,
+                            [
+                                (items[i].digest, items[i].size, items[i].kind, items[i].verity)
+                                for i in named
+                            ],
+                        )
+                        for i in named:
+                            p = items[i]
+                            if p.kind == "image":
+                                assert p.refs is not None
+                                self.db.record_image(cur, p.digest, p.refs)
+                except BaseException:
+                    for i in named:  # keep state and disk in step
+                        if items[i].published:
+                            items[i].published = False
+                            with contextlib.suppress(OSError):
+                                os.unlink(self.repo.object_path(items[i].digest))
+                    raise
+                for i in named:
+                    if items[i].kind == "image":
+                        try:
+                            self.repo.link_image(items[i].digest)
+                        except Exception as e:
+                            out[i] = e
+        except Exception as e:
+            for i in ok:
+                if out[i] is None:
+                    out[i] = e
+            return out
+        total, files = self.db.totals()
+        self._used = total
+        m.STORE_BYTES.set(total)
+        m.STORE_OBJECTS.set(files)
+        if any(items[i].kind == "image" for i in named):
+            m.STORE_IMAGES.set(self.db.query("SELECT count(*) FROM images")[0][0])
+        return out
+
     def _parse_tmp(self, tmp: TempFile, size: int) -> set[bytes]:
         data = os.pread(tmp.fd, size, 0)
         if len(data) != size:
@@ -341,11 +424,10 @@ class Store:
         return False
 
     def _after_insert(self) -> None:
-        self._update_gauges()
         cap = self.size_cap
         if cap is None:
             return
-        used = self.db.totals()[0]
+        used = self._used
         hysteresis = (self.high_watermark - self.low_watermark) * cap / 2
         if used > self.high_watermark * cap and used > self._gc_floor + hysteresis:
             report = self.gc()
