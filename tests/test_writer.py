@@ -246,3 +246,21 @@ def test_random_trees_match_mkcomposefs(tmp_path: Path) -> None:
         ref = tmp_path / "ref.img"
         subprocess.run([mk, "--from-file", dump, ref], check=True)
         assert write_image(tree_random(seed, size)) == ref.read_bytes(), seed
+
+
+def test_very_deep_tree_round_trips() -> None:
+    """3000 nested directories: nothing in the tree model, writer, reader or dump recurses."""
+    from csi.image.dump import format_dump, parse_dump
+    from csi.image.reader import Image
+
+    tree = Tree(Node(mode=S_IFDIR | 0o755))
+    node = tree.root
+    for _ in range(3000):
+        child = Node(mode=S_IFDIR | 0o755)
+        node.add(b"d", child)
+        node = child
+    node.add(b"leaf", reg(b"bottom"))
+    image = write_image(tree)
+    again = Image(image).to_tree()
+    assert write_image(again) == image
+    assert write_image(parse_dump(format_dump(again, exact=True))) == image

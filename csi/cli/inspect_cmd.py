@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     with image:
         if args.dump:
             out = sys.stdout.buffer
-            out.write(format_dump(image.to_tree()))
+            out.write(format_dump(image.to_tree(keep_opaque_markers=True)))
             out.flush()
             return 0
         info = summarise(image)

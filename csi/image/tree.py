@@ -215,11 +215,21 @@ class Tree:
 
 
 def _walk_sub(prefix: bytes, d: Node) -> Iterator[tuple[bytes, Node | HardLink]]:
-    for name, entry in d.sorted_entries():
-        path = prefix + b"/" + name
+    """Pre-order walk below ``d`` without recursion (trees may be thousands of levels deep)."""
+    stack: list[Iterator[tuple[bytes, Node | HardLink]]] = [iter(d.sorted_entries())]
+    prefixes = [prefix]
+    while stack:
+        item = next(stack[-1], None)
+        if item is None:
+            stack.pop()
+            prefixes.pop()
+            continue
+        name, entry = item
+        path = prefixes[-1] + b"/" + name
         yield path, entry
         if isinstance(entry, Node) and entry.is_dir:
-            yield from _walk_sub(path, entry)
+            stack.append(iter(entry.sorted_entries()))
+            prefixes.append(path)
 
 
 def _validate_node(path: bytes, n: Node) -> None:
