@@ -509,17 +509,20 @@ class _Parser:
             p.resolved = cur
         return Tree(self._build(self.root))
 
-    def _build(self, d: Node) -> Node:
-        assert d.entries is not None
-        for name, item in self.entries[id(d)].items():
-            if isinstance(item, _Pending):
-                assert item.resolved is not None
-                d.entries[name] = HardLink(item.resolved)
-            else:
-                d.entries[name] = item
-                if item.is_dir:
-                    self._build(item)
-        return d
+    def _build(self, root: Node) -> Node:
+        stack = [root]  # iterative: dumps may nest thousands of levels
+        while stack:
+            d = stack.pop()
+            assert d.entries is not None
+            for name, item in self.entries[id(d)].items():
+                if isinstance(item, _Pending):
+                    assert item.resolved is not None
+                    d.entries[name] = HardLink(item.resolved)
+                else:
+                    d.entries[name] = item
+                    if item.is_dir:
+                        stack.append(item)
+        return root
 
     # -- field helpers ---------------------------------------------------------
 
