@@ -104,6 +104,12 @@ class GroupCommit(Generic[T]):
         self.flushes = 0
         self.items = 0
 
+    @property
+    def waiting(self) -> int:
+        """Items submitted and not yet taken by a flush."""
+        with self._cv:
+            return len(self._pending)
+
     def submit(self, item: T) -> None:
         slot = _Slot(item)
         group: list[_Slot[T]] | None = None
