@@ -77,12 +77,14 @@ class FetchJobs:
     def _job(self, key: JobKey) -> _Job:
         with self._mu:
             job = self._jobs.get(key)
-            if job is None:
-                job = _Job(key, Future(), FetchProgress(), time.monotonic())
-                self._jobs[key] = job
-                fut = self._pool.submit(self._run, job)
-                fut.add_done_callback(functools.partial(self._finish, job))
-            return job
+            if job is not None:
+                return job
+            job = _Job(key, Future(), FetchProgress(), time.monotonic())
+            self._jobs[key] = job
+        # Outside the lock: a job that fails at once runs its callback in this thread.
+        fut = self._pool.submit(self._run, job)
+        fut.add_done_callback(functools.partial(self._finish, job))
+        return job
 
     def _finish(self, job: _Job, f: Future[None]) -> None:
         exc = f.exception()
