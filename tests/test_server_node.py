@@ -442,3 +442,28 @@ def test_persistent_flow(node: Node, images: tuple[Path, list[RepoImage]]) -> No
     finally:
         cstubs.close()
         ctrl.stop()
+
+
+def test_metrics(node: Node, images: tuple[Path, list[RepoImage]]) -> None:
+    import urllib.request
+
+    from csi.server.metrics import serve_metrics
+
+    img = images[1][2]
+    t = node.target("metrics")
+    node.stubs.node.NodePublishVolume(publish_request("v-m", t, {**POD_INFO, "image": img.ref}))
+    host, port = serve_metrics("127.0.0.1:0") or ("", 0)
+    text = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10).read().decode()
+    assert 'composefs_csi_grpc_requests_total{code="OK",method="NodePublishVolume"}' in text
+    assert (
+        'composefs_csi_grpc_request_duration_seconds_bucket{le="0.05",method="NodePublishVolume"}'
+        in text
+    )
+    assert "composefs_csi_volumes_published 1.0" in text
+    assert "composefs_csi_publish_duration_seconds_count{cache=" in text
+    assert "composefs_csi_store_bytes" in text  # the store's metrics are in the same registry
+    node.stubs.node.NodeUnpublishVolume(
+        pb.NodeUnpublishVolumeRequest(volume_id="v-m", target_path=str(t))
+    )
+    text = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10).read().decode()
+    assert "composefs_csi_volumes_published 0.0" in text
