@@ -103,7 +103,7 @@ class VolumeManager:
         self.sizes = SizeCache()
         self.target_locks = KeyedLocks("target path")
         self.volume_locks = KeyedLocks("volume")
-        self._complete: set[bytes] = set()
+        self._complete: dict[bytes, int] = {}
         self._complete_mu = threading.Lock()
         self._update_gauges()
 
@@ -119,20 +119,25 @@ class VolumeManager:
     # -- images ----------------------------------------------------------------------------
 
     def _is_complete(self, image: bytes, lazy: bool) -> bool:
-        """The image is in the store and (eager) so is every object it references."""
+        """The image is in the store and (eager) so is every object it references.
+
+        A complete eager image is remembered with the inode of its file, so a later check is
+        one stat; an image collected and fetched again (maybe lazily) has a new inode."""
         if not self.store.has_image(image):
-            with self._complete_mu:
-                self._complete.discard(image)
             return False
         if lazy:
             return True
+        try:
+            ino = os.stat(self.store.image_path(image)).st_ino
+        except OSError:
+            return False
         with self._complete_mu:
-            if image in self._complete:
+            if self._complete.get(image) == ino:
                 return True
         if self.store.missing_objects(image):
             return False
         with self._complete_mu:
-            self._complete.add(image)
+            self._complete[image] = ino
         return True
 
     def _repository(self, name: str | None) -> str:
