@@ -902,3 +902,122 @@ def test_manifests_equal_the_default_render(tmp_path: Path) -> None:
     ns = yaml.safe_load((MANIFESTS / "00-namespace.yaml").read_text())
     assert ns["kind"] == "Namespace" and ns["metadata"]["name"] == MANIFEST_NAMESPACE
     assert {d["metadata"].get("namespace") for d in parse_docs(body)} <= {None, MANIFEST_NAMESPACE}
+
+
+# -- Dockerfile --------------------------------------------------------------------------------
+# No container engine here or in CI: parse the Dockerfile and check what can be checked.
+
+DOCKERFILE = REPO / "Dockerfile"
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    out: list[tuple[str, str]] = []
+    pending = ""
+    for line in DOCKERFILE.read_text().splitlines():
+        stripped = line.strip()
+        if not pending and (not stripped or stripped.startswith("#")):
+            continue
+        if stripped.endswith("\\"):
+            pending += stripped[:-1] + " "
+            continue
+        full = (pending + stripped).strip()
+        pending = ""
+        word, _, rest = full.partition(" ")
+        out.append((word.upper(), rest.strip()))
+    assert not pending, "Dockerfile ends inside a continued line"
+    return out
+
+
+def _dockerignore_allows(rel: str) -> bool:
+    """Whether .dockerignore (last matching pattern wins, '!' re-includes) keeps ``rel``."""
+    import fnmatch
+
+    keep = True
+    for raw in (REPO / ".dockerignore").read_text().splitlines():
+        pat = raw.strip()
+        if not pat or pat.startswith("#"):
+            continue
+        negate = pat.startswith("!")
+        pat = pat.lstrip("!").rstrip("/")
+        parts = rel.split("/")
+        prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+        if pat.startswith("**/"):
+            hit = any(fnmatch.fnmatch(p, pat[3:]) for p in parts)
+        else:
+            hit = any(fnmatch.fnmatch(p, pat) for p in prefixes)
+        if hit:
+            keep = negate
+    return keep
+
+
+def test_dockerfile_structure_and_copied_paths() -> None:
+    ins = dockerfile_instructions()
+    words = [w for w, _ in ins]
+    known = {"FROM", "ARG", "RUN", "COPY", "WORKDIR", "LABEL", "ENV", "USER", "HEALTHCHECK"}
+    assert set(words) <= known | {"ENTRYPOINT", "CMD"}
+    stages = [a.split()[-1] for w, a in ins if w == "FROM" and " AS " in a.upper()]
+    assert stages == ["build", "runtime"]  # multi-stage, runtime last
+    for w, a in ins:
+        if w == "COPY" and "--from=" not in a:
+            *sources, _dest = a.split()
+            for src in sources:
+                assert (REPO / src).exists(), f"COPY source {src} does not exist"
+                assert _dockerignore_allows(src), f"COPY source {src} is excluded by .dockerignore"
+        if w == "RUN" and "from=" in a:
+            stage = re.search(r"from=([a-z0-9_-]+)", a)
+            assert stage is not None and stage.group(1) in stages
+    # What `pip install .` needs is in the build context, and nothing else is.
+    pyproject = (REPO / "pyproject.toml").read_text()
+    readme = re.search(r'readme\s*=\s*"([^"]+)"', pyproject)
+    assert readme is not None and _dockerignore_allows(readme.group(1))
+    assert _dockerignore_allows("csi/server/proto/csi_pb2.py")
+    assert not _dockerignore_allows("tests/test_chart.py")
+    assert not _dockerignore_allows(".venv/bin/python")
+    assert not _dockerignore_allows("csi/__pycache__/x.pyc")
+    # Runtime: non-root by default, labelled, the console script as entrypoint.
+    runtime = ins[max(i for i, (w, _) in enumerate(ins) if w == "FROM") :]
+    user = [a for w, a in runtime if w == "USER"]
+    assert user and not user[-1].startswith(("0", "root"))
+    assert any(w == "LABEL" and "org.opencontainers.image.title" in a for w, a in runtime)
+    entry = json.loads(next(a for w, a in runtime if w == "ENTRYPOINT"))
+    assert entry == ["composefs-csi"] and 'composefs-csi = "csi.cli.main:main"' in pyproject
+
+
+def _healthcheck_command() -> list[str]:
+    args = next(a for w, a in dockerfile_instructions() if w == "HEALTHCHECK")
+    cmd: list[str] = json.loads(args[args.index("CMD ") + 4 :])
+    return cmd
+
+
+def test_dockerfile_healthcheck_calls_csi_probe(tmp_path: Path) -> None:
+    """The HEALTHCHECK command succeeds against a ready plugin and fails against a plugin whose
+    Probe reports a problem, and when nothing listens."""
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    from csi.server.identity import IdentityService
+    from csi.server.proto import csi_pb2_grpc as rpc
+
+    cmd = _healthcheck_command()
+    assert cmd[:2] == ["python", "-c"]
+    endpoint = f"unix://{tmp_path}/csi.sock"
+
+    def run() -> int:
+        env = {**os.environ, "CSI_ENDPOINT": endpoint}
+        proc = subprocess.run([sys.executable, *cmd[1:]], env=env, capture_output=True, timeout=60)
+        return proc.returncode
+
+    for problem, ok in ((None, True), ("the data plane does not answer", False)):
+        server = grpc.server(ThreadPoolExecutor(2))
+        checks = [lambda p=problem: p]
+        rpc.add_IdentityServicer_to_server(IdentityService(controller=False, checks=checks), server)
+        server.add_insecure_port(endpoint)
+        server.start()
+        try:
+            assert (run() == 0) is ok
+        finally:
+            server.stop(None).wait()
+    assert run() != 0
