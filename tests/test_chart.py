@@ -1021,3 +1021,70 @@ def test_dockerfile_healthcheck_calls_csi_probe(tmp_path: Path) -> None:
         finally:
             server.stop(None).wait()
     assert run() != 0
+
+
+# -- examples/ ---------------------------------------------------------------------------------
+
+EXAMPLES = REPO / "examples"
+
+
+def _example_objects() -> list[tuple[str, Doc]]:
+    return [
+        (p.name, d)
+        for p in sorted(EXAMPLES.glob("*.yaml"))
+        if not p.name.startswith("values-")
+        for d in parse_docs(p.read_text())
+    ]
+
+
+def test_examples_are_valid_kubernetes_objects() -> None:
+    objects = _example_objects()
+    assert {name for name, _ in objects} >= {
+        "inline-pod.yaml",
+        "pvc-storageclass.yaml",
+        "composition.yaml",
+        "lazy-volume.yaml",
+    }
+    problems = _validate_all(d for _, d in objects)
+    assert not problems, "\n".join(problems)
+
+
+def test_examples_use_volume_attributes_the_driver_accepts() -> None:
+    from csi.server import attributes as a
+
+    inline = parameters = annotated = 0
+    modes: set[str] = set()
+    for name, doc in _example_objects():
+        if doc["kind"] in ("Pod", "Deployment"):
+            spec = doc["spec"] if doc["kind"] == "Pod" else doc["spec"]["template"]["spec"]
+            for vol in spec.get("volumes", []):
+                if vol.get("csi", {}).get("driver") == DRIVER:
+                    assert vol["csi"]["readOnly"] is True, name
+                    spec_ = a.parse_volume_attributes(vol["csi"]["volumeAttributes"])
+                    modes.add("layers" if len(spec_.refs) > 1 else spec_.fetch_mode)
+                    inline += 1
+        elif doc["kind"] == "StorageClass":
+            assert doc["provisioner"] == DRIVER
+            params = dict(doc["parameters"])
+            if params.get("imageFromPVCAnnotation") == "true":
+                params |= {a.PVC_NAME: "p", a.PVC_NAMESPACE: "ns"}
+            a.parse_parameters(params)
+            parameters += 1
+        elif doc["kind"] == "PersistentVolumeClaim":
+            assert doc["spec"]["accessModes"] == ["ReadOnlyMany"], name
+            ref = doc["metadata"].get("annotations", {}).get("composefs.io/image")
+            if ref:
+                a.parse_refs({a.IMAGE: ref}, "annotation")
+                annotated += 1
+    assert inline >= 3 and parameters >= 2 and annotated >= 1
+    assert modes >= {"eager", "lazy", "layers"}
+
+
+@needs_renderer
+def test_example_helm_values_render(tmp_path: Path) -> None:
+    for path in sorted(EXAMPLES.glob("values-*.yaml")):
+        values = yaml.safe_load(path.read_text())
+        docs = parse_docs(render_text(values, api_versions=(OPERATOR_API,), tmp_dir=tmp_path))
+        cfg = config_from_dict(driver_config(docs))
+        assert set(cfg.repositories) == {r["name"] for r in values["repositories"]}
+        assert not _validate_all(d for d in docs if d["apiVersion"] != OPERATOR_API), path.name
