@@ -100,12 +100,6 @@ class DataPlaneProcess:
 
     def start(self) -> DataPlaneProcess:
         self.mountpoint.mkdir(parents=True, exist_ok=True)
-        # Work-around: csi.fuse.mounting.clear_stale_mount stat()s the dead mount, which the
-        # kernel answers from its cache; detach a dead mount (statfs fails) here.
-        from csi.server import mounts
-
-        if mounts.mounts_at(self.mountpoint) and mounts.is_broken(self.mountpoint):
-            mounts.unmount(self.mountpoint, lazy=True)
         cfg = self.work / "dataplane.json"
         cfg.write_text(
             json.dumps(

@@ -102,11 +102,13 @@ class DataPlane:
         self.listings = ListingCache(config.listing_cache_entries)
         self._nursery: trio.Nursery | None = None
         self._adding: dict[str, trio.Lock] = {}
+        self._instance_lock: int | None = None
 
     # -- mount ---------------------------------------------------------------------------------
 
     def mount(self) -> None:
         mp = Path(self.config.mountpoint)
+        self._instance_lock = mounting.instance_lock(self.store_root, mp)
         mounting.clear_stale_mount(mp)
         mp.mkdir(parents=True, exist_ok=True)
         pyfuse3.init(self.fs, os.fspath(mp), fuse_options(self.config))
@@ -126,6 +128,9 @@ class DataPlane:
         self.fs.close_all()
         self.sources.close()
         self.store.close()
+        if self._instance_lock is not None:
+            os.close(self._instance_lock)
+            self._instance_lock = None
 
     def serve_single(
         self, digests: list[bytes], *, composition: bool, source: ObjectSource | None

@@ -6,9 +6,13 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import fcntl
+import hashlib
 import logging
 import os
 from pathlib import Path
+
+from .config import FSNAME
 
 log = logging.getLogger(__name__)
 
@@ -62,22 +66,39 @@ def umount(mountpoint: str | os.PathLike[str], *, detach: bool = False) -> bool:
 
 
 def clear_stale_mount(mountpoint: Path) -> None:
-    """Detach a dead FUSE mount (ENOTCONN) left at ``mountpoint`` by a previous daemon.
+    """Detach a mount of ours left at ``mountpoint`` by a previous daemon.
 
-    Raises if a live filesystem is mounted there (another daemon still serving).
+    The caller holds the instance lock (:func:`instance_lock`), so no other daemon is serving
+    this mountpoint: a ``fuse.composefs-csi`` mount found there belongs to a dead process,
+    even when the kernel still answers some calls from its caches. Anything else mounted
+    there is an error.
     """
     entry = mount_entry(mountpoint)
     if entry is None:
         return
+    if entry[1] != f"fuse.{FSNAME}":
+        raise RuntimeError(f"{mountpoint} is already mounted ({entry[1]} from {entry[2]})")
+    log.warning("detaching the mount a previous data plane left at %s", mountpoint)
+    umount(mountpoint, detach=True)
+
+
+def instance_lock(store: Path, mountpoint: Path) -> int:
+    """Take the exclusive lock of the data plane serving ``mountpoint`` (one per mountpoint).
+
+    Returns the locked descriptor (keep it open while serving). Raises RuntimeError if
+    another live daemon holds it.
+    """
+    key = hashlib.sha256(os.fsencode(os.path.abspath(mountpoint))).hexdigest()[:16]
+    # A directory of its own: the store's temp cleaner only looks at files of .tmp and .tmp/locks.
+    lock_dir = Path(store) / ".tmp" / "dataplane"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_dir / f"dataplane-{key}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        os.statvfs(mountpoint)  # never answered from a cache: reaches the daemon, if any
-    except OSError as e:
-        if e.errno in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO):
-            log.warning("detaching stale mount at %s (%s)", mountpoint, e.strerror)
-            umount(mountpoint, detach=True)
-            return
-        raise
-    raise RuntimeError(f"{mountpoint} is already mounted ({entry[1]} from {entry[2]})")
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RuntimeError(f"another data plane is serving {mountpoint}") from None
+    return fd
 
 
 def set_read_ahead(mountpoint: Path, kb: int) -> bool:
