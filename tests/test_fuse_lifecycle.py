@@ -105,8 +105,10 @@ def test_mount_cycles_leave_nothing_behind(store_with_images: tuple[Path, list[b
             assert any(str(store) in t for t in d.open_fds())  # objects cached open
             for i, dg in enumerate(digests):
                 d.client.remove_view(dg.hex(), f"vol-{i}")
-            # Removing every view releases every image mapping and object descriptor.
-            assert not [t for t in d.open_fds() if str(store) in t]
+            # Removing every view releases every image mapping and object descriptor; only
+            # the instance lock stays open while the daemon serves.
+            held = [t for t in d.open_fds() if str(store) in t]
+            assert [t for t in held if "/.tmp/dataplane/" not in t] == []
             mnt = d.mountpoint
         assert d.proc.returncode == 0
         assert not is_mounted(mnt)
