@@ -1088,3 +1088,73 @@ def test_example_helm_values_render(tmp_path: Path) -> None:
         cfg = config_from_dict(driver_config(docs))
         assert set(cfg.repositories) == {r["name"] for r in values["repositories"]}
         assert not _validate_all(d for d in docs if d["apiVersion"] != OPERATOR_API), path.name
+
+
+@needs_renderer
+def test_dataplane_command_accepts_the_rendered_configuration(
+    rendered: dict[str, list[Doc]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`composefs-csi dataplane --config` turns the chart's config into the daemon's settings
+    (the daemon itself is replaced: it would mount FUSE)."""
+    import argparse
+
+    import csi.fuse.daemon
+    from csi.cli import runtime
+
+    started: list[Any] = []
+    monkeypatch.setattr(csi.fuse.daemon, "run_daemon", started.append)
+    for case in ("default", "repositories-auth-ca", "custom-paths"):
+        path = tmp_path / f"{case}.yaml"
+        path.write_text(one(rendered[case], "ConfigMap", "-config")["data"]["config.yaml"])
+        assert runtime.dataplane(argparse.Namespace(config=str(path))) == 0
+    default, with_auth, custom = started
+    assert str(default.mountpoint) == "/var/lib/composefs-csi/mnt"
+    assert str(default.control_socket) == "/run/composefs-csi/dataplane.sock"
+    assert str(default.store) == "/var/lib/composefs-csi/store"
+    assert default.metrics_address == "0.0.0.0:9810"
+    assert with_auth.default_repository == "internal"
+    assert str(custom.mountpoint) == "/mnt/fast/composefs/mnt"
+
+
+@needs_renderer
+def test_notes_render(tmp_path: Path) -> None:
+    """NOTES.txt is executed by Helm at install time (chart-render skips it): render it through
+    a copy of the chart in which it is wrapped into a ConfigMap."""
+    chart = tmp_path / "chart" / "composefs-csi"
+    shutil.copytree(CHART, chart)
+    notes = (chart / "templates" / "NOTES.txt").read_text()
+    (chart / "templates" / "NOTES.txt").unlink()
+    (chart / "templates" / "_notes.tpl").write_text(
+        '{{- define "test.notes" -}}\n' + notes + "\n{{- end -}}\n"
+    )
+    (chart / "templates" / "notes-check.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes\ndata:\n"
+        '  notes: {{ include "test.notes" . | toJson }}\n'
+    )
+    assert RENDERER is not None
+
+    def notes_for(values: dict[str, Any] | None) -> str:
+        args = [str(RENDERER), "--name", "cfs", "--namespace", "storage"]
+        if values is not None:
+            vf = tmp_path / "values.yaml"
+            vf.write_text(yaml.safe_dump(values))
+            args += ["-f", str(vf)]
+        out = subprocess.run(
+            [*args, "--show-only", "templates/notes-check.yaml", str(chart)],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        ).stdout
+        text: str = parse_docs(out)[0]["data"]["notes"]
+        return text
+
+    default = notes_for(None)
+    assert "driver: csi.composefs.io" in default
+    assert "WARNING: repository URL https://composefs.example.com/repository/" in default
+    assert "default (default): https://composefs.example.com/repository/" in default
+    assert "OnDelete" in default
+    custom = notes_for({**REPOS_WITH_AUTH, **MONITORING_ON})
+    assert "WARNING" not in custom
+    assert "internal (default)" in custom and "models: https://cdn.example.net/models/" in custom
+    assert "does not serve\nmonitoring.coreos.com/v1" in custom
