@@ -43,7 +43,7 @@ Doc = dict[str, Any]
 def _renderer() -> Path | None:
     env = os.environ.get("CHART_RENDER")
     if env:
-        return Path(env)
+        return Path(env) if Path(env).is_file() else None
     path = REPO.parent / "shared" / "tools" / "bin" / "chart-render"
     if path.is_file():
         return path
