@@ -164,3 +164,26 @@ def test_pull_function_for_cli(world: World, tmp_path: Path) -> None:
     assert res.objects_fetched == res.objects_total
     assert seen[-1].phase == "done" and seen[-1].objects_done == res.objects_total
     assert any(s.phase == "objects" for s in seen)
+
+
+@pytest.mark.parametrize("prefix", ["", "bucket/"], ids=["followed-symlinks", "symlink-target"])
+def test_image_only_fetch_for_lazy_volumes(world: World, tmp_path: Path, prefix: str) -> None:
+    def object_requests() -> int:
+        return sum(1 for uri, _, _ in world.nginx.requests() if "/objects/" in uri)  # type: ignore[attr-defined]
+
+    store = Store(tmp_path / "store")
+    before = object_requests()
+    with RepositoryClient(cfg(world.url(prefix))) as client:
+        res = client.fetch_image("app:v1", store, objects=False)
+        assert res.image == world.images["app:v1"]
+        assert res.objects_fetched == 0
+        assert res.objects_total == expected_objects(world, "app:v1")
+        assert store.has_image(res.image)
+        assert store.missing_objects(res.image) == store.image_objects(res.image)
+        assert store.get_ref("test", "app:v1") == res.image
+        assert object_requests() - before <= 1  # at most the image, when served as a link
+        # Completing later fetches exactly what is missing.
+        full = client.fetch_image("app:v1", store)
+        assert full.objects_fetched == expected_objects(world, "app:v1")
+    assert not store.missing_objects(res.image)
+    store_is_verified(tmp_path / "store")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import time
 import os
 import threading
 from collections.abc import Iterator
@@ -193,6 +194,10 @@ def test_failed_lazy_fetch_is_eio_not_a_hang(world: tuple) -> None:  # type: ign
             (view / "f5").read_bytes()
         assert e.value.errno == errno.EIO
         assert (view / "f4").read_bytes() == files["f4"]
+        # The daemon logs the object it could not fetch (possibly just after replying EIO).
+        deadline = time.monotonic() + 10
+        while h not in d.log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert h in d.log.read_text()
 
 

@@ -372,11 +372,17 @@ class RepositoryClient:
         return self._attempts(f"ref {ref!r}", attempt)
 
     def fetch_image(
-        self, ref: str, store: Store, progress: FetchProgress | None = None
+        self,
+        ref: str,
+        store: Store,
+        progress: FetchProgress | None = None,
+        *,
+        objects: bool = True,
     ) -> FetchResult:
         """Resolve ``ref``, fetch the image if missing, then its missing objects; record the ref.
 
-        On return every object of the image is in the store (verified). Raises a
+        On return every object of the image is in the store (verified); with ``objects=False``
+        only the image is (lazy volumes fetch objects on demand). Raises a
         :class:`~csi.fetch.errors.FetchError`; whatever was stored before a failure is
         verified and stays (a later fetch does not download it again).
         """
@@ -384,7 +390,7 @@ class RepositoryClient:
         t0 = time.monotonic()
         result = "ok"
         try:
-            res = self._fetch_image(ref, store, prog)
+            res = self._fetch_image(ref, store, prog, objects)
         except FetchError as e:
             result = e.code.lower()
             prog.set_phase("failed")
@@ -398,7 +404,9 @@ class RepositoryClient:
         prog.set_phase("done")
         return res
 
-    def _fetch_image(self, ref: str, store: Store, prog: FetchProgress) -> FetchResult:
+    def _fetch_image(
+        self, ref: str, store: Store, prog: FetchProgress, with_objects: bool
+    ) -> FetchResult:
         t0 = time.monotonic()
         digest, body = self._resolve(ref, prog)
         received = len(body) if body is not None else 0
@@ -429,6 +437,21 @@ class RepositoryClient:
                     received += got
             objects = store.image_objects(digest)
             missing = {d for d in objects if not store.has_object(d)}
+            if not with_objects:
+                prog.set_totals(len(objects), None)
+                if parse_digest(ref) is None:
+                    store.set_ref(self.name, ref, digest)
+                return FetchResult(
+                    repository=self.name,
+                    ref=ref,
+                    image=digest,
+                    image_fetched=image_fetched,
+                    objects_total=len(objects),
+                    objects_fetched=0,
+                    objects_present=len(objects) - len(missing),
+                    bytes_downloaded=received,
+                    duration=time.monotonic() - t0,
+                )
             sizes: dict[bytes, int] = object_sizes(store.image_path(digest)) if missing else {}
             total_size = sum(sizes.get(d, 0) for d in objects) if sizes else None
             prog.set_totals(len(objects), total_size)

@@ -14,8 +14,7 @@ from pathlib import Path
 import trio
 
 from csi.fetch import RepositoryClient, RepositoryConfig
-from csi.store import Store, StoreError
-from csi.store.writer import ObjectWriter
+from csi.store import Store
 
 from . import mounting
 from .config import DEFAULT_MOUNT_OPTIONS, DataPlaneConfig
@@ -23,20 +22,6 @@ from .daemon import DataPlane
 from .sources import RepositoryObjectSource, StoreHandle
 
 log = logging.getLogger(__name__)
-
-
-def fetch_image_only(client: RepositoryClient, ref: str, store: Store) -> bytes:
-    """Resolve ``ref`` and make its image (not its objects) present and recorded in ``store``."""
-    digest = client.resolve(ref)
-    if not store.has_image(digest):
-        # An image is also an object of the repository (images/<hex> links into objects/).
-        client.fetch_objects(store, [digest])
-
-        def refuse(w: ObjectWriter) -> None:
-            raise StoreError(f"image {digest.hex()} vanished from the store")
-
-        store.ensure(digest, refuse, kind="image")
-    return digest
 
 
 def mount_command(
@@ -64,10 +49,7 @@ def mount_command(
     client = RepositoryClient(config)
     try:
         with Store(store_dir) as store:
-            if lazy:
-                digest = fetch_image_only(client, ref, store)
-            else:
-                digest = client.fetch_image(ref, store).image
+            digest = client.fetch_image(ref, store, objects=not lazy).image
             store.touch(digest)
             store.lease(holder, [digest])
         log.info("image %s (%s)", digest.hex(), ref)
@@ -95,4 +77,4 @@ def mount_command(
         client.close()
 
 
-__all__ = ["StoreHandle", "fetch_image_only", "mount_command"]
+__all__ = ["StoreHandle", "mount_command"]

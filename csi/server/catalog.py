@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from csi.fetch.config import RepositoryConfig
 from csi.store import Store
 
-from .fetcher import RepositoryFetcher, fetch_image_only
+from .fetcher import RepositoryFetcher
 from .imageinfo import ImageSize, SizeCache
 
 
@@ -26,5 +26,7 @@ class RepositoryCatalog:
 
     def image_size(self, repository: str, image: bytes) -> ImageSize:
         if not self.store.has_image(image):
-            fetch_image_only(self.fetcher.client(repository), self.store, image)
+            self.fetcher.client(repository).fetch_image(
+                "sha256:" + image.hex(), self.store, objects=False
+            )
         return self.sizes.get(image, self.store.image_path(image))

@@ -18,13 +18,11 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from csi.fetch.client import RepositoryClient
 from csi.fetch.config import RepositoryConfig
-from csi.fetch.errors import Corrupt, FetchError, NotFound
 from csi.fetch.progress import FetchProgress
-from csi.image.fsverity import digest_bytes
 from csi.store import Store
 
 from .errors import aborted
@@ -169,38 +167,7 @@ class RepositoryFetcher:
         return self.client(repository).resolve(ref)
 
     def fetch(self, repository: str, image: bytes, *, lazy: bool, progress: FetchProgress) -> None:
-        client = self.client(repository)
-        if lazy:  # the image only: the data plane fetches objects on first read
-            if not self._store.has_image(image):
-                fetch_image_only(client, self._store, image)
-        else:
-            client.fetch_image("sha256:" + image.hex(), self._store, progress)
-
-
-def fetch_image_only(client: Any, store: Store, image: bytes) -> None:
-    """Put ``images/<hex>`` of ``client``'s repository into ``store`` (verified)."""
-    only = getattr(client, "fetch_image_only", None)
-    if only is not None:
-        only("sha256:" + image.hex(), store, FetchProgress())
-        return
-    # This csi.fetch has no image-only fetch: read the image from each mirror in turn.
-    relpath = f"images/{image.hex()}"
-    last: Exception | None = None
-    for src in client.sources:
-        buf = bytearray()
-        try:
-            src.get(relpath, buf.extend, max_size=client.config.max_image_size)
-        except Exception as e:  # one mirror failing is not the end
-            last = e
-            continue
-        data = bytes(buf)
-        if digest_bytes(data) != image:
-            last = Corrupt("image bytes do not match their digest", repository=client.name)
-            continue
-        store.add_image_bytes(data)
-        return
-    if last is not None and "NotFound" in type(last).__name__:
-        raise NotFound(f"image sha256:{image.hex()} not found", repository=client.name)
-    if isinstance(last, FetchError):
-        raise last
-    raise NotFound(f"image sha256:{image.hex()} could not be read ({last})", repository=client.name)
+        # Lazy: the image only; the data plane fetches objects on first read.
+        self.client(repository).fetch_image(
+            "sha256:" + image.hex(), self._store, progress, objects=not lazy
+        )
