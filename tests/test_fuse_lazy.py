@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import time
 import os
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
