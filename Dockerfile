@@ -48,7 +48,7 @@ USER 65532:65532
 # HEALTHCHECK; the chart uses the livenessprobe sidecar instead). Not meaningful for the data
 # plane, which has no CSI socket.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=30s --retries=3 \
-  CMD ["python", "-c", "import os, grpc; from csi.server.proto import csi_pb2 as p, csi_pb2_grpc as g; g.IdentityStub(grpc.insecure_channel(os.environ['CSI_ENDPOINT'])).Probe(p.ProbeRequest(), timeout=8)"]
+  CMD ["composefs-csi", "probe"]
 
 ENTRYPOINT ["composefs-csi"]
 CMD ["--help"]

@@ -25,6 +25,7 @@ Example (every key optional except ``repositories``)::
       metrics_address: ":9810"
       read_ahead_kb: 1024
       open_files: 1024
+      mount_options: [ro, nosuid, nodev, allow_other]   # of the node-wide FUSE mount
     metrics:
       address: ":9809"                  # node plugin / controller metrics ("" disables)
 
@@ -95,6 +96,7 @@ class DataPlaneConfig:
     metrics_address: str = ":9810"
     read_ahead_kb: int = 1024
     open_files: int = 1024
+    mount_options: tuple[str, ...] = ("ro", "nosuid", "nodev", "allow_other")
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,14 +186,22 @@ def config_from_dict(raw: object) -> DriverConfig:
 
     dp = _mapping(top.get("dataplane"), "dataplane")
     _take(
-        dp, {"mountpoint", "socket", "metrics_address", "read_ahead_kb", "open_files"}, "dataplane"
+        dp,
+        {"mountpoint", "socket", "metrics_address", "read_ahead_kb", "open_files", "mount_options"},
+        "dataplane",
     )
+    options = dp.get("mount_options", list(DataPlaneConfig.mount_options))
+    if not isinstance(options, list) or not all(isinstance(o, str) and o for o in options):
+        raise ConfigError("dataplane.mount_options: expected a list of option strings")
+    if "rw" in options:
+        raise ConfigError("dataplane.mount_options: the data plane is read-only; drop 'rw'")
     dataplane = DataPlaneConfig(
         mountpoint=Path(dp.get("mountpoint", DataPlaneConfig.mountpoint)),
         socket=Path(dp.get("socket", DataPlaneConfig.socket)),
         metrics_address=str(dp.get("metrics_address", DataPlaneConfig.metrics_address)),
         read_ahead_kb=int(_number(dp.get("read_ahead_kb", 1024), "dataplane.read_ahead_kb", lo=0)),
         open_files=int(_number(dp.get("open_files", 1024), "dataplane.open_files", lo=16)),
+        mount_options=tuple(options),
     )
     metrics = _mapping(top.get("metrics"), "metrics")
     _take(metrics, {"address"}, "metrics")

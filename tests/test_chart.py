@@ -990,7 +990,7 @@ def _healthcheck_command() -> list[str]:
     return cmd
 
 
-def test_dockerfile_healthcheck_calls_csi_probe(tmp_path: Path) -> None:
+def test_dockerfile_healthcheck_is_composefs_csi_probe(tmp_path: Path) -> None:
     """The HEALTHCHECK command succeeds against a ready plugin and fails against a plugin whose
     Probe reports a problem, and when nothing listens."""
     import sys
@@ -1002,12 +1002,17 @@ def test_dockerfile_healthcheck_calls_csi_probe(tmp_path: Path) -> None:
     from csi.server.proto import csi_pb2_grpc as rpc
 
     cmd = _healthcheck_command()
-    assert cmd[:2] == ["python", "-c"]
+    assert cmd == ["composefs-csi", "probe"]  # reads $CSI_ENDPOINT
     endpoint = f"unix://{tmp_path}/csi.sock"
 
     def run() -> int:
         env = {**os.environ, "CSI_ENDPOINT": endpoint}
-        proc = subprocess.run([sys.executable, *cmd[1:]], env=env, capture_output=True, timeout=60)
+        proc = subprocess.run(
+            [sys.executable, "-m", "csi.cli.main", *cmd[1:]],
+            env=env,
+            capture_output=True,
+            timeout=60,
+        )
         return proc.returncode
 
     for problem, ok in ((None, True), ("the data plane does not answer", False)):

@@ -95,3 +95,13 @@ def test_load_file(tmp_path: Path) -> None:
         load_config(p)
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_dataplane_mount_options() -> None:
+    cfg = config_from_dict({**MINIMAL, "dataplane": {"mount_options": ["ro", "nodev"]}})
+    assert cfg.dataplane.mount_options == ("ro", "nodev")
+    assert "allow_other" in config_from_dict(MINIMAL).dataplane.mount_options
+    with pytest.raises(ConfigError, match="read-only"):
+        config_from_dict({**MINIMAL, "dataplane": {"mount_options": ["rw"]}})
+    with pytest.raises(ConfigError, match="list of option strings"):
+        config_from_dict({**MINIMAL, "dataplane": {"mount_options": "ro"}})

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -156,6 +157,19 @@ def _add_runtime_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
                 help="node name reported to Kubernetes (default: $NODE_NAME, else hostname)",
             )
         p.set_defaults(module="runtime", func_name=name)
+
+    p = sub.add_parser(
+        "probe",
+        help="ask a running plugin's Identity service whether it is ready (for health checks)",
+        description="Exit 0 when Probe answers ready, 1 otherwise (the reason is printed).",
+    )
+    p.add_argument(
+        "--endpoint",
+        default=os.environ.get("CSI_ENDPOINT", "unix:///csi/csi.sock"),
+        help="gRPC endpoint (default: $CSI_ENDPOINT, else unix:///csi/csi.sock)",
+    )
+    p.add_argument("--timeout", type=float, default=8.0, help="seconds to wait (default 8)")
+    p.set_defaults(module="runtime", func_name="probe")
 
 
 def build_parser() -> argparse.ArgumentParser:

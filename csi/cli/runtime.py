@@ -36,6 +36,7 @@ def dataplane(args: argparse.Namespace) -> int:
             repositories=cfg.repositories,
             default_repository=cfg.default_repository,
             read_ahead_kb=dp.read_ahead_kb,
+            mount_options=dp.mount_options,
             fd_cache_size=dp.open_files,
             metrics_address=_address(dp.metrics_address),
         )
@@ -62,4 +63,27 @@ def controller(args: argparse.Namespace) -> int:
     from csi.server.serve import serve_controller
 
     serve_controller(args.config, args.endpoint)
+    return 0
+
+
+def probe(args: argparse.Namespace) -> int:
+    import sys
+
+    import grpc
+
+    from csi.server.proto import csi_pb2, csi_pb2_grpc
+
+    target = args.endpoint if args.endpoint.startswith("unix:") else f"unix://{args.endpoint}"
+    with grpc.insecure_channel(target) as channel:
+        try:
+            reply = csi_pb2_grpc.IdentityStub(channel).Probe(
+                csi_pb2.ProbeRequest(), timeout=args.timeout
+            )
+        except grpc.RpcError as e:
+            print(f"not ready: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    if reply.HasField("ready") and not reply.ready.value:
+        print("not ready", file=sys.stderr)
+        return 1
+    print("ready")
     return 0

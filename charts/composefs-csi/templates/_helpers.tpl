@@ -166,7 +166,8 @@ app.kubernetes.io/component: {{ index . 1 }}
     "socket" (printf "%s/dataplane.sock" (include "composefs-csi.runDir" $))
     "metrics_address" (printf ":%d" (int $v.dataplane.metricsPort))
     "read_ahead_kb" $v.dataplane.readAheadKb
-    "open_files" $v.dataplane.openFiles)
+    "open_files" $v.dataplane.openFiles
+    "mount_options" $v.dataplane.mountOptions)
   "metrics" (dict "address" (printf ":%d" (int (ternary $v.controller.metricsPort $v.node.metricsPort (eq $role "controller")))))
 -}}
 {{- toYaml $cfg -}}
