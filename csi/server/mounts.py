@@ -173,8 +173,17 @@ def remove_dir(path: str | os.PathLike[str]) -> None:
 
 
 def ensure_dir(path: Path) -> None:
+    """Create the target directory. Its parent is the CO's to create (CSI spec): a missing
+    parent is the caller's error, reported as such."""
+    from .errors import precondition
+
     try:
         path.mkdir(mode=0o750)
     except FileExistsError:
         if not path.is_dir() and not is_broken(path):
             raise
+    except FileNotFoundError:
+        raise precondition(
+            f"the parent directory of target path {path} does not exist "
+            "(the container orchestrator creates it before publishing)"
+        ) from None
