@@ -78,12 +78,17 @@ def make_durable(
 
 
 class _Slot(Generic[T]):
-    __slots__ = ("done", "error", "item")
+    """One submitted item; ``wake`` (a locked lock) is released once, when the item is done
+    or when its submitter is to lead the next flush."""
+
+    __slots__ = ("done", "error", "item", "wake")
 
     def __init__(self, item: T) -> None:
         self.item = item
         self.done = False
         self.error: BaseException | None = None
+        self.wake = threading.Lock()
+        self.wake.acquire()
 
 
 class GroupCommit(Generic[T]):
@@ -92,12 +97,14 @@ class GroupCommit(Generic[T]):
     ``flush(items)`` returns one outcome per item (``None`` or the exception for that item).
     ``submit(item)`` returns once a flush including ``item`` has finished, raising the item's
     exception if it had one. Only one flush runs at a time; items submitted meanwhile form
-    the next group, flushed by one of their submitters.
+    the next group, flushed by one of their submitters: a finishing leader wakes each
+    submitter of its group, and hands the lead to the oldest waiting submitter (each thread
+    is woken once, no thundering herd).
     """
 
     def __init__(self, flush: Callable[[list[T]], Sequence[BaseException | None]]) -> None:
         self._flush = flush
-        self._cv = threading.Condition(threading.Lock())
+        self._mu = threading.Lock()
         self._pending: list[_Slot[T]] = []
         self._running = False
         #: Flushes run and items flushed (for tests and benchmarks).
@@ -107,21 +114,24 @@ class GroupCommit(Generic[T]):
     @property
     def waiting(self) -> int:
         """Items submitted and not yet taken by a flush."""
-        with self._cv:
+        with self._mu:
             return len(self._pending)
 
     def submit(self, item: T) -> None:
         slot = _Slot(item)
-        group: list[_Slot[T]] | None = None
-        with self._cv:
+        with self._mu:
             self._pending.append(slot)
-            while not slot.done:
-                if not self._running:
-                    self._running = True
+            lead = not self._running
+            if lead:
+                self._running = True
+                group, self._pending = self._pending, []
+        if not lead:
+            slot.wake.acquire()  # done, or handed the lead (``_running`` stays True)
+            if not slot.done:
+                with self._mu:
                     group, self._pending = self._pending, []
-                    break
-                self._cv.wait()
-        if group is not None:
+                lead = True
+        if lead:
             self._lead(group)
         if slot.error is not None:
             raise slot.error
@@ -134,14 +144,19 @@ class GroupCommit(Generic[T]):
                 raise RuntimeError("group commit: flush returned the wrong number of outcomes")
         except BaseException as e:
             outcomes = [e] * len(group)
-        with self._cv:
-            for s, o in zip(group, outcomes, strict=True):
-                s.error = o
-                s.done = True
-            self._running = False
+        for s, o in zip(group, outcomes, strict=True):
+            s.error = o
+            s.done = True
+        with self._mu:
             self.flushes += 1
             self.items += len(group)
-            self._cv.notify_all()
+            successor = self._pending[0] if self._pending else None
+            if successor is None:
+                self._running = False
+        for s in group:
+            s.wake.release()
+        if successor is not None:
+            successor.wake.release()
 
 
 class ObjectBatch:
