@@ -437,33 +437,22 @@ class RepositoryClient:
                     received += got
             objects = store.image_objects(digest)
             missing = {d for d in objects if not store.has_object(d)}
-            if not with_objects:
-                prog.set_totals(len(objects), None)
-                if parse_digest(ref) is None:
-                    store.set_ref(self.name, ref, digest)
-                return FetchResult(
-                    repository=self.name,
-                    ref=ref,
-                    image=digest,
-                    image_fetched=image_fetched,
-                    objects_total=len(objects),
-                    objects_fetched=0,
-                    objects_present=len(objects) - len(missing),
-                    bytes_downloaded=received,
-                    duration=time.monotonic() - t0,
-                )
-            sizes: dict[bytes, int] = object_sizes(store.image_path(digest)) if missing else {}
-            total_size = sum(sizes.get(d, 0) for d in objects) if sizes else None
-            prog.set_totals(len(objects), total_size)
-            prog.set_phase("objects")
             present = len(objects) - len(missing)
-            for d in objects - missing:
-                prog.object_done(sizes.get(d, 0), fetched=False)
-            fetched, shared, got = self._fetch_objects(store, missing, sizes, prog)
-            received += got
-            present += shared
-            if present:
-                m.DEDUP_HITS.labels(self.name).inc(present)
+            fetched = 0
+            if with_objects:
+                sizes: dict[bytes, int] = object_sizes(store.image_path(digest)) if missing else {}
+                total_size = sum(sizes.get(d, 0) for d in objects) if sizes else None
+                prog.set_totals(len(objects), total_size)
+                prog.set_phase("objects")
+                for d in objects - missing:
+                    prog.object_done(sizes.get(d, 0), fetched=False)
+                fetched, shared, got = self._fetch_objects(store, missing, sizes, prog)
+                received += got
+                present += shared
+                if present:
+                    m.DEDUP_HITS.labels(self.name).inc(present)
+            else:  # lazy: the objects come later, on demand
+                prog.set_totals(len(objects), None)
             if parse_digest(ref) is None:
                 store.set_ref(self.name, ref, digest)
         return FetchResult(

@@ -55,17 +55,7 @@ class FsVerityHasher:
             self._buf += mv[pos:]
 
     def _add_hash(self, level: int, h: bytes) -> None:
-        levels = self._levels
-        while True:
-            if level == len(levels):
-                levels.append(bytearray())
-            lv = levels[level]
-            lv += h
-            if len(lv) < BLOCK_SIZE:
-                return
-            h = hashlib.sha256(lv).digest()
-            lv.clear()
-            level += 1
+        _fold(self._levels, level, h)
 
     @property
     def size(self) -> int:
