@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Final
 
+from . import erofs as E
 from .errors import FormatError
 from .tree import DIGEST_SIZE, HardLink, Node, Tree
 
@@ -41,13 +42,9 @@ __all__ = ["Attr", "Image"]
 
 # -- on-disk constants (EROFS erofs_fs.h, composefs lcfs-erofs.h) ---------------------------
 
-BLOCK_BITS: Final = 12
-BLOCK_SIZE: Final = 1 << BLOCK_BITS
+BLOCK_BITS: Final = E.BLOCK_BITS
+BLOCK_SIZE: Final = E.BLOCK_SIZE
 _SLOT_BITS: Final = 5
-_SUPER_OFFSET: Final = 1024
-_CFS_MAGIC: Final = 0xD078629A
-_CFS_HEADER_VERSION: Final = 1
-_EROFS_MAGIC: Final = 0xE0F5E1E2
 #: Incompatible features that do not change how an uncompressed image is read.
 _INCOMPAT_OK: Final = 0x1 | 0x4  # ZERO_PADDING (compression only), CHUNKED_FILE
 _SUPPORTED_VERSIONS: Final = (0, 1, 2)
@@ -75,11 +72,9 @@ _XATTR_IBODY_SIZE: Final = 12
 _XATTR_ENTRY = struct.Struct("<BBH")  # e_name_len, e_name_index, e_value_size
 _XATTR_ENTRY_SIZE: Final = 4
 
-LAYOUT_FLAT_PLAIN: Final = 0
-LAYOUT_FLAT_INLINE: Final = 2
-LAYOUT_CHUNK_BASED: Final = 4
-_CHUNK_FORMAT_BLKBITS: Final = 0x1F
-_U64_MAX: Final = (1 << 64) - 1
+LAYOUT_FLAT_PLAIN: Final = E.LAYOUT_FLAT_PLAIN
+LAYOUT_FLAT_INLINE: Final = E.LAYOUT_FLAT_INLINE
+LAYOUT_CHUNK_BASED: Final = E.LAYOUT_CHUNK_BASED
 _PATH_MAX: Final = 4096
 _NAME_MAX: Final = 255
 
@@ -96,32 +91,13 @@ _FT_TO_IFMT: Final = {
 FT_CHRDEV: Final = 3
 _VALID_IFMT: Final = frozenset(_FT_TO_IFMT.values())
 
-_XATTR_PREFIXES: Final[dict[int, bytes]] = {
-    0: b"",
-    1: b"user.",
-    2: b"system.posix_acl_access",
-    3: b"system.posix_acl_default",
-    4: b"trusted.",
-    5: b"lustre.",
-    6: b"security.",
-}
+_XATTR_PREFIXES: Final[dict[int, bytes]] = {0: b"", **E.XATTR_PREFIXES}
 
-_OVL: Final = b"trusted.overlay."
-_OVL_ESC: Final = b"trusted.overlay.overlay."
-_OVL_METACOPY: Final = b"trusted.overlay.metacopy"
-_OVL_REDIRECT: Final = b"trusted.overlay.redirect"
-_ESC_WHITEOUT: Final = b"trusted.overlay.overlay.whiteout"
-_ESC_WHITEOUTS: Final = b"trusted.overlay.overlay.whiteouts"
-_ESC_OPAQUE: Final = b"trusted.overlay.overlay.opaque"
-_USER_WHITEOUT: Final = b"user.overlay.whiteout"
-_USER_WHITEOUTS: Final = b"user.overlay.whiteouts"
-_USER_OPAQUE: Final = b"user.overlay.opaque"
 _SELINUX: Final = b"security.selinux"
 _STUB_NAMES: Final = frozenset(f"{i:02x}".encode() for i in range(256))
 _STUB_MODE: Final = stat.S_IFCHR | 0o644
 _OBJECT_PATH = re.compile(rb"[0-9a-f]{2}/[0-9a-f]{62}\Z")
 _METACOPY_LEN: Final = 4 + DIGEST_SIZE
-_FS_VERITY_SHA256: Final = 1
 
 _DEFAULT_CACHE: Final = 4096
 _DIR_CACHE: Final = 256
@@ -286,12 +262,12 @@ class Image:
 
     def _parse_super(self) -> None:
         n = self._size
-        if n < _SUPER_OFFSET + _SUPER_SIZE:
+        if n < E.SUPER_OFFSET + _SUPER_SIZE:
             raise FormatError(f"image too small ({n} bytes) for a composefs header and superblock")
         magic, hversion, flags, cversion = _HEADER.unpack_from(self._buf, 0)
-        if magic != _CFS_MAGIC:
+        if magic != E.COMPOSEFS_MAGIC:
             raise FormatError(f"bad composefs magic {magic:#010x}")
-        if hversion != _CFS_HEADER_VERSION:
+        if hversion != E.COMPOSEFS_HEADER_VERSION:
             raise FormatError(f"unsupported composefs header version {hversion}")
         if cversion not in _SUPPORTED_VERSIONS:
             raise FormatError(f"unsupported composefs format version {cversion}")
@@ -308,12 +284,12 @@ class Image:
             blocks,
             meta_blkaddr,
             xattr_blkaddr,
-        ) = _SUPER.unpack_from(self._buf, _SUPER_OFFSET)
-        if emagic != _EROFS_MAGIC:
+        ) = _SUPER.unpack_from(self._buf, E.SUPER_OFFSET)
+        if emagic != E.EROFS_MAGIC:
             raise FormatError(f"bad EROFS superblock magic {emagic:#010x}")
         if blkszbits != BLOCK_BITS:
             raise FormatError(f"unsupported EROFS block size bits {blkszbits} (need 12)")
-        (incompat,) = _SUPER_INCOMPAT.unpack_from(self._buf, _SUPER_OFFSET + 80)
+        (incompat,) = _SUPER_INCOMPAT.unpack_from(self._buf, E.SUPER_OFFSET + 80)
         if incompat & ~_INCOMPAT_OK:
             raise FormatError(f"unsupported EROFS incompatible features {incompat:#x}")
         if blocks * BLOCK_SIZE > n:
@@ -389,11 +365,11 @@ class Image:
             if ifmt != stat.S_IFREG:
                 raise FormatError(f"nid {nid}: chunk-based layout on a non-regular file")
             cfmt = i_u & 0xFFFF
-            if cfmt & ~_CHUNK_FORMAT_BLKBITS:
+            if cfmt & ~E.CHUNK_FORMAT_BLKBITS_MASK:
                 raise FormatError(f"nid {nid}: unsupported chunk format {cfmt:#x}")
             bits = BLOCK_BITS + cfmt
             # 64-bit arithmetic as libcomposefs: wraps for sizes within a chunk of 2^64
-            count = ((size + (1 << bits) - 1) & _U64_MAX) >> bits
+            count = ((size + (1 << bits) - 1) & E.U64) >> bits
             if doff + 4 * count > n:
                 raise FormatError(
                     f"nid {nid}: chunk table of {count} chunks past end of image (size {n})"
@@ -494,9 +470,9 @@ class Image:
         payload = b""
         digest: bytes | None = None
         for key, value in self.raw_xattrs(nid):
-            if key == _OVL_REDIRECT:
+            if key == E.OVL_REDIRECT:
                 payload = value[1:] if value.startswith(b"/") else value
-            elif key == _OVL_METACOPY:
+            elif key == E.OVL_METACOPY:
                 digest = _metacopy_digest(value)
         return payload, digest
 
@@ -572,16 +548,20 @@ class Image:
         """Xattr names as a kernel composefs mount presents them."""
         out: list[bytes] = []
         for key, _ in self.raw_xattrs(nid):
-            if key.startswith(_OVL):
-                if key.startswith(_OVL_ESC):
-                    out.append(_OVL + key[len(_OVL_ESC) :])
+            if key.startswith(E.OVL_PREFIX):
+                if key.startswith(E.OVL_ESCAPED_PREFIX):
+                    out.append(E.OVL_PREFIX + key[len(E.OVL_ESCAPED_PREFIX) :])
             else:
                 out.append(key)
         return out
 
     def getxattr(self, nid: int, name: bytes) -> bytes | None:
         """The value of a presented xattr name, or None if the mount would not show it."""
-        raw = _OVL_ESC + name[len(_OVL) :] if name.startswith(_OVL) else name
+        raw = (
+            E.OVL_ESCAPED_PREFIX + name[len(E.OVL_PREFIX) :]
+            if name.startswith(E.OVL_PREFIX)
+            else name
+        )
         for key, value in self.raw_xattrs(nid):
             if key == raw:
                 return value
@@ -988,7 +968,7 @@ class Image:
             if ino.ifmt != stat.S_IFREG or ino.attr.size != 0:
                 continue
             x = dict(xattrs[nid])
-            if x.get(_ESC_WHITEOUT) != b"" or x.get(_USER_WHITEOUT) != b"":
+            if x.get(E.OVL_ESCAPED_WHITEOUT) != b"" or x.get(E.USER_OVL_WHITEOUT) != b"":
                 continue
             px = dict(xattrs[pdir])
             if any(px.get(k) != v for k, v in dir_markers):
@@ -997,12 +977,12 @@ class Image:
             node.mode = stat.S_IFCHR | (node.mode & 0o7777)
             node.rdev = 0
             node.size = 0
-            for k in (_ESC_WHITEOUT, _USER_WHITEOUT):
+            for k in (E.OVL_ESCAPED_WHITEOUT, E.USER_OVL_WHITEOUT):
                 node.xattrs.pop(_unescape(k), None)
             parent_markers[pdir] = tuple(
                 k
                 for k, _ in dir_markers
-                if not (keep_opaque_markers and k in (_ESC_OPAQUE, _USER_OPAQUE))
+                if not (keep_opaque_markers and k in (E.OVL_ESCAPED_OPAQUE, E.USER_OVL_OPAQUE))
             )
         for pdir, keys in parent_markers.items():
             for k in keys:
@@ -1034,14 +1014,14 @@ class Image:
         )
         x: dict[bytes, bytes] = {}
         for key, value in raw:
-            if key.startswith(_OVL):
-                if key.startswith(_OVL_ESC):
-                    x[_OVL + key[len(_OVL_ESC) :]] = value
+            if key.startswith(E.OVL_PREFIX):
+                if key.startswith(E.OVL_ESCAPED_PREFIX):
+                    x[E.OVL_PREFIX + key[len(E.OVL_ESCAPED_PREFIX) :]] = value
                 elif ino.ifmt == stat.S_IFREG and a.layout == LAYOUT_CHUNK_BASED:
-                    if key == _OVL_REDIRECT:
+                    if key == E.OVL_REDIRECT:
                         payload = value[1:] if value.startswith(b"/") else value
                         node.payload = payload or None
-                    elif key == _OVL_METACOPY:
+                    elif key == E.OVL_METACOPY:
                         node.digest = _metacopy_digest(value)
                 continue
             x[key] = value
@@ -1084,24 +1064,28 @@ class Image:
         return x == selinux[:1]
 
 
-_WHITEOUT_DIR_MARKERS_V0: Final = ((_ESC_WHITEOUTS, b""), (_USER_WHITEOUTS, b""))
+_WHITEOUT_DIR_MARKERS_V0: Final = ((E.OVL_ESCAPED_WHITEOUTS, b""), (E.USER_OVL_WHITEOUTS, b""))
 _WHITEOUT_DIR_MARKERS_V1: Final = (
     *_WHITEOUT_DIR_MARKERS_V0,
-    (_ESC_OPAQUE, b"x"),
-    (_USER_OPAQUE, b"x"),
+    (E.OVL_ESCAPED_OPAQUE, b"x"),
+    (E.USER_OVL_OPAQUE, b"x"),
 )
 
 
 def _unescape(key: bytes) -> bytes:
     """The tree-side name of a stored xattr key (``trusted.overlay.overlay.X`` -> ``...X``)."""
-    if key.startswith(_OVL_ESC):
-        return _OVL + key[len(_OVL_ESC) :]
+    if key.startswith(E.OVL_ESCAPED_PREFIX):
+        return E.OVL_PREFIX + key[len(E.OVL_ESCAPED_PREFIX) :]
     return key
 
 
 def _metacopy_digest(value: bytes) -> bytes | None:
     """The SHA-256 fs-verity digest in a ``trusted.overlay.metacopy`` value, if it has one."""
-    if len(value) == _METACOPY_LEN and value[1] == _METACOPY_LEN and value[3] == _FS_VERITY_SHA256:
+    if (
+        len(value) == _METACOPY_LEN
+        and value[1] == _METACOPY_LEN
+        and value[3] == E.FS_VERITY_HASH_ALG_SHA256
+    ):
         return value[4:]
     return None
 
