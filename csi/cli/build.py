@@ -1,14 +1,15 @@
 """``composefs-csi build``: publish a directory (or a dump file) as a composefs image.
 
-Every external file is read exactly once: it is copied into the repository's temp area while
-its fs-verity digest is computed, then renamed to its digest after one filesystem sync per
-batch (or dropped when the repository already holds that object). The image is written
+Every external file is read exactly once: worker processes copy it into the repository's temp
+area while computing its fs-verity digest; it is renamed to its digest after one filesystem
+sync per batch (or dropped when the repository already holds that object). The image is written
 last, so a repository never names an image whose objects are not all present.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -16,10 +17,10 @@ from pathlib import Path
 from csi.cli.progress import Bar
 from csi.image.dump import parse_dump
 from csi.image.fromdir import ScanOptions, scan_directory
-from csi.image.tree import Tree
+from csi.image.tree import Tree, object_path
 from csi.image.writer import write_image
 from csi.repo import Repository
-from csi.repo.batch import ObjectBatch
+from csi.repo.parallel import store_files
 
 
 def build_from_directory(
@@ -29,14 +30,20 @@ def build_from_directory(
 
     Returns (tree, objects added now, objects already present).
     """
-    with ObjectBatch(repo) as batch, Bar(f"building {src}", enabled=show_progress) as bar:
-        result = scan_directory(
-            src,
-            options,
+    result = scan_directory(src, dataclasses.replace(options, compute_digest=False))
+    processes = options.threads or os.cpu_count() or 1
+    with Bar(f"building {src}", enabled=show_progress) as bar:
+        bar.update_to(0, result.bytes)
+        digests, added, present = store_files(
+            repo,
+            [path for _, path in result.unhashed],
+            processes=processes,
             progress=lambda files, done: bar.update_to(done),
-            digest_fn=lambda path, size: batch.add_file(Path(os.fsdecode(path))),
         )
-    return result.tree, batch.added, batch.present
+    for (node, _), digest in zip(result.unhashed, digests, strict=True):
+        node.digest = digest
+        node.payload = object_path(digest)
+    return result.tree, added, present
 
 
 def run(args: argparse.Namespace) -> int:

@@ -75,6 +75,9 @@ class ScanResult:
     tree: Tree
     #: ``(digest, source path, size)`` of every distinct external content, BFS order.
     objects: list[tuple[bytes, str, int]] = field(default_factory=list)
+    #: With ``compute_digest=False``: every external file's node and source path, for the
+    #: caller to hash (it must set ``digest`` and ``payload`` before writing the image).
+    unhashed: list[tuple[Node, bytes]] = field(default_factory=list)
     #: Regular-file inodes found (each hard-linked file once) and their total size.
     files: int = 0
     bytes: int = 0
@@ -98,7 +101,9 @@ def scan_directory(
     root = scan.node(top, st)
     scan.walk(root, top, st.st_dev)
     result = ScanResult(Tree(root), files=scan.files, bytes=scan.bytes)
-    if opts.compute_digest and scan.to_hash:
+    if not opts.compute_digest:
+        result.unhashed = scan.to_hash
+    elif scan.to_hash:
         result.objects = _hash_all(scan.to_hash, opts.threads, progress, digest_fn or _digest)
     return result
 

@@ -270,6 +270,12 @@ class TempArea:
 
     @staticmethod
     def _clean_file(path: Path) -> int:
+        if path.name.endswith(".build.tmp"):
+            # Written unlocked by the worker processes of a build (csi.repo.parallel), named
+            # after the building process: in use while that process lives.
+            head = path.name.split("-", 1)[0]
+            if head.isdigit() and pid_alive(int(head)):
+                return 0
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         except OSError:

@@ -1,0 +1,129 @@
+"""Storing many files as objects in parallel worker processes (``composefs-csi build``).
+
+Hashing 4 KiB blocks releases and re-takes the GIL for each block, so threads of one process
+queue on it; worker processes copy and hash for real in parallel. Each worker copies a chunk of
+files into temp files of the repository (named with the building process's pid, so a store's
+temp cleaner leaves them alone while it lives) while computing their fs-verity digests. The
+parent then makes each batch durable with one ``syncfs`` (on a descriptor opened before any of
+it was written, so any writeback error since is reported) and only then renames the files to
+their digests. A crash leaves only temp files behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import multiprocessing
+import os
+import secrets
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from csi.image.fsverity import FsVerityHasher
+
+from .repository import Repository
+
+_COPY_CHUNK = 1 << 20
+_libc = ctypes.CDLL(None, use_errno=True)
+
+#: ``progress(files_done, bytes_done)``.
+Progress = Callable[[int, int], None]
+
+
+def _copy_chunk(tmpdir: str, tag: int, paths: Sequence[bytes]) -> list[tuple[bytes, str, int]]:
+    """Worker: copy each file to a new temp file while hashing; (digest, temp path, size)."""
+    out: list[tuple[bytes, str, int]] = []
+    buf = bytearray(_COPY_CHUNK)
+    view = memoryview(buf)
+    try:
+        for src in paths:
+            tmp = os.path.join(tmpdir, f"{tag}-{secrets.token_hex(8)}.build.tmp")
+            h = FsVerityHasher()
+            with open(src, "rb", buffering=0) as f:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                out.append((b"", tmp, 0))  # registered before writing: removed on failure
+                try:
+                    while n := f.readinto(buf):
+                        chunk = view[:n]
+                        h.update(chunk)
+                        while chunk:
+                            chunk = chunk[os.write(fd, chunk) :]
+                finally:
+                    os.close(fd)
+            out[-1] = (h.digest(), tmp, h.size)
+    except BaseException:
+        for _, tmp, _ in out:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise
+    return out
+
+
+def _syncfs(fd: int, where: Path) -> None:
+    if _libc.syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"syncfs: {os.strerror(err)}", str(where))
+
+
+def store_files(
+    repo: Repository,
+    paths: Sequence[bytes],
+    *,
+    processes: int,
+    progress: Progress | None = None,
+    chunk: int = 64,
+    max_pending: int = 2048,
+) -> tuple[list[bytes], int, int]:
+    """Store every file of ``paths`` as an object of ``repo``.
+
+    Returns (the digests in the order of ``paths``, objects added, objects already present).
+    """
+    repo.tmp.ensure_dirs()
+    tmpdir = str(repo.tmp.path)
+    tag = os.getpid()
+    root_fd = os.open(repo.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    digests: list[bytes] = []
+    pending: dict[bytes, str] = {}
+    added = present = done_bytes = 0
+
+    def commit() -> None:
+        _syncfs(root_fd, repo.root)
+        for digest, tmp in pending.items():
+            final = repo.object_path(digest)
+            if os.path.lexists(final):
+                os.unlink(tmp)  # someone else stored it meanwhile: the same bytes
+                continue
+            try:
+                os.rename(tmp, final)
+            except FileNotFoundError:
+                final.parent.mkdir(mode=0o755, exist_ok=True)
+                os.rename(tmp, final)
+        pending.clear()
+
+    chunks = [paths[i : i + chunk] for i in range(0, len(paths), chunk)]
+    ctx = multiprocessing.get_context("forkserver")
+    try:
+        with ProcessPoolExecutor(max(1, processes), mp_context=ctx) as pool:
+            results = pool.map(_copy_chunk, [tmpdir] * len(chunks), [tag] * len(chunks), chunks)
+            for result in results:
+                for digest, tmp, size in result:
+                    digests.append(digest)
+                    done_bytes += size
+                    if digest in pending or repo.has_object(digest):
+                        os.unlink(tmp)
+                        present += 1
+                    else:
+                        pending[digest] = tmp
+                        added += 1
+                if len(pending) >= max_pending:
+                    commit()
+                if progress is not None:
+                    progress(len(digests), done_bytes)
+        commit()
+    finally:
+        os.close(root_fd)
+        for leftover in Path(tmpdir).glob(f"{tag}-*.build.tmp"):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+    return digests, added, present

@@ -1,0 +1,73 @@
+"""Storing files as objects from worker processes (the path ``composefs-csi build`` takes)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from csi.image.fsverity import digest_bytes, digest_file
+from csi.repo import Repository
+from csi.repo.parallel import store_files
+
+
+def _files(root: Path, contents: list[bytes]) -> list[bytes]:
+    root.mkdir()
+    paths = []
+    for i, data in enumerate(contents):
+        p = root / f"f{i}"
+        p.write_bytes(data)
+        paths.append(os.fsencode(p))
+    return paths
+
+
+def _temps(repo: Repository) -> list[Path]:
+    return [p for p in repo.tmp.path.glob("*.tmp")]
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_objects_named_by_digest_in_order(tmp_path: Path, processes: int) -> None:
+    contents = [bytes([i % 7]) * (5000 + i % 7) for i in range(150)]  # 7 distinct contents
+    paths = _files(tmp_path / "src", contents)
+    repo = Repository(tmp_path / "repo", create=True)
+    seen: list[tuple[int, int]] = []
+    digests, added, present = store_files(
+        repo,
+        paths,
+        processes=processes,
+        chunk=16,
+        max_pending=3,
+        progress=lambda n, b: seen.append((n, b)),
+    )
+    assert digests == [digest_bytes(c) for c in contents]
+    assert (added, present) == (7, 143)
+    for d in set(digests):
+        assert digest_file(repo.object_path(d)) == d
+        assert repo.object_path(d).stat().st_mode & 0o777 == 0o644
+    assert _temps(repo) == []
+    assert seen[-1] == (150, sum(len(c) for c in contents))
+    # Again: everything is present, nothing is rewritten.
+    again = store_files(repo, paths, processes=processes)
+    assert again == (digests, 0, 150)
+    assert _temps(repo) == []
+
+
+def test_a_failing_file_leaves_nothing_behind(tmp_path: Path) -> None:
+    paths = _files(tmp_path / "src", [b"a" * 9000, b"b" * 9000])
+    repo = Repository(tmp_path / "repo", create=True)
+    with pytest.raises(FileNotFoundError):
+        store_files(repo, [*paths, os.fsencode(tmp_path / "missing")], processes=1, chunk=3)
+    assert _temps(repo) == []
+    assert list(repo.iter_objects()) == []  # nothing was named before the failure was known
+
+
+def test_store_cleaner_spares_a_live_builds_temps(tmp_path: Path) -> None:
+    repo = Repository(tmp_path / "repo", create=True)
+    repo.tmp.ensure_dirs()
+    live = repo.tmp.path / f"{os.getpid()}-0123456789abcdef.build.tmp"
+    dead = repo.tmp.path / "999999999-0123456789abcdef.build.tmp"
+    live.write_bytes(b"in progress")
+    dead.write_bytes(b"left by a crash")
+    assert repo.tmp.clean() == 1
+    assert live.exists() and not dead.exists()
