@@ -124,6 +124,7 @@ def main() -> None:
     ap.add_argument("--small", type=int, help="4 KiB objects for objects/s (default 20000)")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--cold-only", action="store_true", help="only measurement (1)")
     ap.add_argument("--workdir", type=Path, help="where to build (default: a temp dir)")
     args = ap.parse_args()
     n = args.objects or (1000 if args.quick else 10_000)
@@ -176,6 +177,8 @@ def main() -> None:
                 flush=True,
             )
 
+            if args.cold_only:
+                return
             store_dir = work / "store-dedup"
             run_ours(base, "large:a", store_dir, args.concurrency)
             _, got = run_ours(base, "large:b", store_dir, args.concurrency)

@@ -67,3 +67,24 @@ def test_digest_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
     p = tmp_path / "f"
     p.write_bytes(b"hello world")
     assert digest_file(p).hex() == HELLO
+
+
+@pytest.mark.parametrize("size", [4096, 128 * 4096 + 5, 129 * 4096 * 2 + 4095])
+def test_same_digest_with_other_threads_alive(size: int) -> None:
+    """Hashing takes a different path (keeping the GIL) while another thread exists."""
+    import threading
+
+    data = bytes((i * 13 + 5) % 253 for i in range(size))
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    try:
+        assert threading.active_count() > 1
+        h = FsVerityHasher()
+        h.update(data[:5000])
+        h.update(data[5000:])
+        assert h.digest() == reference(data)
+        assert digest_bytes(data) == reference(data)
+    finally:
+        stop.set()
+        other.join()

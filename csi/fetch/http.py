@@ -42,6 +42,10 @@ SYSTEM_CA_BUNDLES = (
 _AUTH_TTL = 5.0
 _HTTPAUTH_BEARER = getattr(pycurl, "HTTPAUTH_BEARER", 1 << 6)  # CURLAUTH_BEARER
 _BUFFER = 1 << 20
+#: Body bytes buffered per transfer before they are passed on: libcurl delivers 16 KiB
+#: chunks, and each callback into Python (and each hashing or write call after it) is a GIL
+#: hand-off between the worker threads; most objects are passed on in one piece.
+_FLUSH = 1 << 20
 
 # libcurl error codes (curl/curl.h)
 _TIMEOUTS = {28}  # OPERATION_TIMEDOUT
@@ -54,6 +58,7 @@ class _Transfer:
 
     __slots__ = (
         "abort",
+        "chunks",
         "content_type",
         "idle_limit",
         "last_data",
@@ -61,7 +66,9 @@ class _Transfer:
         "link",
         "max_size",
         "on_data",
+        "pending",
         "retry_after",
+        "sink_failed",
         "size",
         "status",
         "symlink_ok",
@@ -82,6 +89,9 @@ class _Transfer:
         self.link: bytearray | None = None
         self.size = 0
         self.abort: BaseException | None = None
+        self.chunks: list[bytes] = []
+        self.pending = 0
+        self.sink_failed = False
 
     def header(self, line: bytes) -> None:
         if line.startswith(b"HTTP/"):
@@ -128,11 +138,28 @@ class _Transfer:
                 return None
             if self.max_size is not None and self.size > self.max_size:
                 raise SourceBadResponse(f"body larger than the {self.max_size}-byte limit")
-            self.on_data(data)
+            self.chunks.append(data)
+            self.pending += len(data)
+            if self.pending >= _FLUSH:
+                self.flush()
         except BaseException as e:  # carried out of libcurl, re-raised by get()
             self.abort = e
             return 0
         return None
+
+    def flush(self) -> None:
+        """Pass the buffered body on (one call per ``_FLUSH`` bytes rather than per chunk)."""
+        chunks = self.chunks
+        if not chunks:
+            return
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self.pending = 0
+        try:
+            self.on_data(data)
+        except BaseException:
+            self.sink_failed = True
+            raise
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -234,7 +261,18 @@ class HttpSource(Source):
         c.setopt(pycurl.WRITEFUNCTION, tr.write)
         c.setopt(pycurl.XFERINFOFUNCTION, tr.progress)
         try:
-            c.perform()
+            try:
+                c.perform()
+            finally:
+                if not tr.sink_failed:
+                    # Also after a failed transfer: what arrived is passed on as it was
+                    # received (the caller counts it); an error of on_data wins.
+                    try:
+                        tr.flush()
+                    except BaseException as e:
+                        tr.abort = e
+            if tr.abort is not None:
+                raise tr.abort
         except pycurl.error as e:
             if tr.abort is not None:
                 raise tr.abort from None

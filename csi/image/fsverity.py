@@ -5,6 +5,14 @@ so objects can be named and verified on filesystems without fs-verity support.
 
 Streaming: :class:`FsVerityHasher` keeps one pending partial block per tree level, so memory
 is constant (a few KiB) whatever the input size.
+
+Threads: each 4 KiB block is hashed in pieces shorter than hashlib's GIL-release threshold
+(``HASHLIB_GIL_MINSIZE``, 2048 bytes in CPython), so hashing keeps the GIL. Hashing a block
+takes a couple of microseconds; releasing and re-taking the GIL around each one made threads
+that hash (store writers, fetch workers) hand the GIL to each other about once per block, a
+futex round trip each time (measured in docs/benchmarks.md, "Repository fetching"). The
+interpreter still switches threads at its normal interval. In a process with a single thread
+there is nobody to hand the GIL to, and whole blocks are hashed in one call each (quicker).
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+import threading
 from typing import BinaryIO
 
 BLOCK_SIZE = 4096
@@ -19,6 +28,16 @@ DIGEST_SIZE = 32
 _HASHES_PER_BLOCK = BLOCK_SIZE // DIGEST_SIZE
 _ZERO_BLOCK = bytes(BLOCK_SIZE)
 _READ_SIZE = 1 << 20
+#: Longest piece hashlib hashes without releasing the GIL (its threshold is 2048 bytes).
+_PIECE = 2047
+
+
+def _block_hash(block: bytes | bytearray | memoryview) -> bytes:
+    """SHA-256 of one block of at most ``BLOCK_SIZE`` bytes, keeping the GIL (see module doc)."""
+    h = hashlib.sha256(block[:_PIECE])
+    h.update(block[_PIECE : 2 * _PIECE])
+    h.update(block[2 * _PIECE :])
+    return h.digest()
 
 
 class FsVerityHasher:
@@ -44,13 +63,35 @@ class FsVerityHasher:
             self._buf += mv[:take]
             pos = take
             if len(self._buf) == BLOCK_SIZE:
-                self._add_hash(0, hashlib.sha256(self._buf).digest())
+                self._add_hash(0, _block_hash(self._buf))
                 self._buf.clear()
-        sha = hashlib.sha256
-        add = self._add_hash
-        while n - pos >= BLOCK_SIZE:
-            add(0, sha(mv[pos : pos + BLOCK_SIZE]).digest())
-            pos += BLOCK_SIZE
+        if n - pos >= BLOCK_SIZE:
+            end = pos + (n - pos) // BLOCK_SIZE * BLOCK_SIZE
+            levels = self._levels
+            if not levels:
+                levels.append(bytearray())
+            hashes = levels[0]
+            sha = hashlib.sha256
+            # _block_hash and _fold inlined: this loop is the hot path of every store insertion.
+            if threading.active_count() > 1:
+                while pos < end:
+                    h = sha(mv[pos : pos + _PIECE])
+                    h.update(mv[pos + _PIECE : pos + 2 * _PIECE])
+                    h.update(mv[pos + 2 * _PIECE : pos + BLOCK_SIZE])
+                    hashes += h.digest()
+                    if len(hashes) == BLOCK_SIZE:
+                        parent = _block_hash(hashes)
+                        hashes.clear()
+                        _fold(levels, 1, parent)
+                    pos += BLOCK_SIZE
+            else:  # no other thread to hand the GIL to: one call per block is quicker
+                while pos < end:
+                    hashes += sha(mv[pos : pos + BLOCK_SIZE]).digest()
+                    if len(hashes) == BLOCK_SIZE:
+                        parent = sha(hashes).digest()
+                        hashes.clear()
+                        _fold(levels, 1, parent)
+                    pos += BLOCK_SIZE
         if pos < n:
             self._buf += mv[pos:]
 
@@ -68,7 +109,7 @@ class FsVerityHasher:
         levels = [bytearray(lv) for lv in self._levels]
         pending: bytes | None = None
         if self._buf:
-            pending = hashlib.sha256(bytes(self._buf) + _ZERO_BLOCK[len(self._buf) :]).digest()
+            pending = _block_hash(bytes(self._buf) + _ZERO_BLOCK[len(self._buf) :])
         if not levels and pending is not None:
             return pending  # file of at most one block
         if pending is not None:
@@ -84,7 +125,7 @@ class FsVerityHasher:
                 # Exactly one data block hashed: that hash is the root.
                 return bytes(lv)
             if lv:
-                h = hashlib.sha256(bytes(lv) + _ZERO_BLOCK[len(lv) :]).digest()
+                h = _block_hash(bytes(lv) + _ZERO_BLOCK[len(lv) :])
                 lv.clear()
                 _fold(levels, level + 1, h)
             level += 1
@@ -116,7 +157,7 @@ def _fold(levels: list[bytearray], level: int, h: bytes) -> None:
         lv += h
         if len(lv) < BLOCK_SIZE:
             return
-        h = hashlib.sha256(lv).digest()
+        h = _block_hash(lv)
         lv.clear()
         level += 1
 
