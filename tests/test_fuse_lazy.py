@@ -167,7 +167,7 @@ def test_lazy_view_reads_wait_only_for_their_own_object(world: tuple) -> None:  
             if st["progress"]["state"] == "done":
                 break
             threading.Event().wait(0.05)
-        assert st["progress"]["state"] == "done", st
+        assert st["progress"]["state"] == "done", (st, d.log.read_text()[-4000:])
         assert st["missing"] == 0
         for name, data in files.items():
             p = view / ("sub/" + name if name.endswith("0") else name)

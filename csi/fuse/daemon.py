@@ -316,7 +316,7 @@ class DataPlane:
             except Exception as e:
                 view.progress.state = "failed"
                 view.progress.last_error = str(e)
-                log.error("view %s: prefetch failed: %s", view.key, e)
+                log.exception("view %s: prefetch failed: %s", view.key, e)
 
     async def remove_view(self, req: dict[str, Any]) -> dict[str, Any]:
         key = get_str(req, "key")

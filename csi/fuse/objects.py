@@ -276,7 +276,8 @@ class ObjectStoreAccess:
             log.error("fetching object %s failed: %s", digest.hex(), e)
             flight.error = e
         finally:
-            del self._flights[digest]
+            if self._flights.get(digest) is flight:
+                del self._flights[digest]
             flight.done.set()
 
     async def prefetch(
@@ -304,9 +305,12 @@ class ObjectStoreAccess:
                             ):
                                 progress.missing -= 1
                                 continue
-                            flight = _Flight()
-                            self._flights[digest] = flight
-                            await self._run_flight(digest, source, None, flight, "prefetch")
+                            # A read may have started a fetch while we looked: join it.
+                            flight = self._flights.get(digest)
+                            if flight is None:
+                                flight = _Flight()
+                                self._flights[digest] = flight
+                                await self._run_flight(digest, source, None, flight, "prefetch")
                 if not flight.done.is_set():
                     await flight.done.wait()
                 if flight.error is None:
