@@ -22,6 +22,7 @@ from pathlib import Path
 
 from csi.image.fsverity import FsVerityHasher
 
+from . import layout
 from .repository import Repository
 
 _COPY_CHUNK = 1 << 20
@@ -33,8 +34,14 @@ _SYNC_FILE_RANGE_WRITE = 2
 Progress = Callable[[int, int], None]
 
 
-def _copy_chunk(tmpdir: str, tag: int, paths: Sequence[bytes]) -> list[tuple[bytes, str, int]]:
-    """Worker: copy each file to a new temp file while hashing; (digest, temp path, size)."""
+def _copy_chunk(
+    tmpdir: str, objects: str, tag: int, paths: Sequence[bytes]
+) -> list[tuple[bytes, str, int]]:
+    """Worker: copy each file to a new temp file while hashing; (digest, temp path, size).
+
+    The temp path is ``""`` when the repository already holds the object: the copy is then
+    dropped at once, before any of it is written back to disk.
+    """
     out: list[tuple[bytes, str, int]] = []
     buf = bytearray(_COPY_CHUNK)
     view = memoryview(buf)
@@ -51,16 +58,23 @@ def _copy_chunk(tmpdir: str, tag: int, paths: Sequence[bytes]) -> list[tuple[byt
                         h.update(chunk)
                         while chunk:
                             chunk = chunk[os.write(fd, chunk) :]
-                    # Start writing back now (asynchronously), so the batch's syncfs finds
-                    # most of it on disk already: disk writes overlap with hashing.
-                    _libc.sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+                    digest = h.digest()
+                    hexd = digest.hex()
+                    if os.path.exists(os.path.join(objects, hexd[:2], hexd[2:])):
+                        os.unlink(tmp)
+                        tmp = ""
+                    else:
+                        # Start writing back now (asynchronously), so the batch's syncfs
+                        # finds most of it on disk already: disk writes overlap with hashing.
+                        _libc.sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
                 finally:
                     os.close(fd)
-            out[-1] = (h.digest(), tmp, h.size)
+            out[-1] = (digest, tmp, h.size)
     except BaseException:
         for _, tmp, _ in out:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+            if tmp:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
         raise
     return out
 
@@ -110,12 +124,16 @@ def store_files(
     ctx = multiprocessing.get_context("forkserver")
     try:
         with ProcessPoolExecutor(max(1, processes), mp_context=ctx) as pool:
-            results = pool.map(_copy_chunk, [tmpdir] * len(chunks), [tag] * len(chunks), chunks)
+            n = len(chunks)
+            objects = str(repo.root / layout.OBJECTS_DIR)
+            results = pool.map(_copy_chunk, [tmpdir] * n, [objects] * n, [tag] * n, chunks)
             for result in results:
                 for digest, tmp, size in result:
                     digests.append(digest)
                     done_bytes += size
-                    if digest in pending or repo.has_object(digest):
+                    if not tmp:
+                        present += 1
+                    elif digest in pending or repo.has_object(digest):
                         os.unlink(tmp)
                         present += 1
                     else:
