@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -206,22 +206,9 @@ class VolumeManager:
                 return
             spec = self.spec_for(volume_id, context)
             t0 = time.monotonic()
-            self.state.put_volume(
-                volume_id,
-                kind="persistent",
-                repository=spec.repository,
-                images=spec.images,
-                lazy=spec.lazy,
-                staging_path=staging,
-                state="staging",
+            warm = self._acquire(
+                volume_id, spec, kind="persistent", staging_path=staging, undo=self._drop_volume
             )
-            try:
-                self.store.lease(lease_holder(volume_id), spec.images)
-                warm = self._fetch(spec)
-            except BaseException:
-                self._drop_volume(volume_id)
-                raise
-            self.state.set_volume_state(volume_id, "ready")
             m.PUBLISH_DURATION.labels(spec_mode(spec), "warm" if warm else "cold").observe(
                 time.monotonic() - t0
             )
@@ -302,20 +289,40 @@ class VolumeManager:
             self._update_gauges()
 
     def _acquire_ephemeral(self, volume_id: str, spec: PinnedSpec) -> bool:
+        return self._acquire(
+            volume_id,
+            spec,
+            kind="ephemeral",
+            staging_path=None,
+            undo=self._maybe_drop_ephemeral,
+        )
+
+    def _acquire(
+        self,
+        volume_id: str,
+        spec: PinnedSpec,
+        *,
+        kind: str,
+        staging_path: str | None,
+        undo: Callable[[str], None],
+    ) -> bool:
+        """Record the volume, lease its images and fetch them; ``undo`` on failure.
+
+        Returns True when nothing had to be fetched (warm)."""
         self.state.put_volume(
             volume_id,
-            kind="ephemeral",
+            kind=kind,
             repository=spec.repository,
             images=spec.images,
             lazy=spec.lazy,
-            staging_path=None,
+            staging_path=staging_path,
             state="staging",
         )
         try:
             self.store.lease(lease_holder(volume_id), spec.images)
             warm = self._fetch(spec)
         except BaseException:
-            self._maybe_drop_ephemeral(volume_id)
+            undo(volume_id)
             raise
         self.state.set_volume_state(volume_id, "ready")
         return warm

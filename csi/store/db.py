@@ -10,10 +10,12 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
+
+from csi.sqlite import write_transaction
 
 SCHEMA_VERSION = 1
 
@@ -73,18 +75,9 @@ class StateDB:
         with self._mu:
             self._con.close()
 
-    @contextmanager
-    def tx(self) -> Iterator[sqlite3.Cursor]:
+    def tx(self) -> AbstractContextManager[sqlite3.Cursor]:
         """A write transaction (``BEGIN IMMEDIATE``), committed on success."""
-        with self._mu:
-            cur = self._con.cursor()
-            cur.execute("BEGIN IMMEDIATE")
-            try:
-                yield cur
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
-            cur.execute("COMMIT")
+        return write_transaction(self._con, self._mu)
 
     def query(self, sql: str, args: Iterable[object] = ()) -> list[Any]:
         with self._mu:
