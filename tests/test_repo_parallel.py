@@ -71,3 +71,24 @@ def test_store_cleaner_spares_a_live_builds_temps(tmp_path: Path) -> None:
     dead.write_bytes(b"left by a crash")
     assert repo.tmp.clean() == 1
     assert live.exists() and not dead.exists()
+
+
+def test_a_failing_sync_names_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from csi.repo import parallel
+
+    paths = _files(tmp_path / "src", [bytes([i]) * 7000 for i in range(6)])
+    repo = Repository(tmp_path / "repo", create=True)
+
+    def failing(fd: int, where: Path) -> None:
+        raise OSError(errno.EIO, "simulated writeback error", str(where))
+
+    monkeypatch.setattr(parallel, "_syncfs", failing)
+    with pytest.raises(OSError, match="simulated"):
+        store_files(repo, paths, processes=1)
+    assert list(repo.iter_objects()) == []  # nothing named before its bytes were durable
+    assert _temps(repo) == []
+    monkeypatch.undo()
+    digests, added, _ = store_files(repo, paths, processes=1)
+    assert added == 6 and all(repo.has_object(d) for d in digests)

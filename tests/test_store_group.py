@@ -1,6 +1,6 @@
 """Group commit in the store: concurrent writers share one sync, nothing is named before its
 bytes are durable, a failed sync names nothing, and a kill -9 during a flush leaves nothing
-partial. Also the per-digest cross-process locks (OFD range locks) and ObjectBatch."""
+partial. Also the per-digest cross-process locks (OFD range locks)."""
 
 from __future__ import annotations
 
@@ -20,9 +20,8 @@ from pathlib import Path
 import pytest
 
 from csi.image.fsverity import digest_bytes
-from csi.repo import Repository
 from csi.repo import batch as batch_mod
-from csi.repo.batch import GroupCommit, ObjectBatch, make_durable, writeback_error
+from csi.repo.batch import GroupCommit, make_durable, writeback_error
 from csi.repo.tmpfiles import KEY_LOCKS_FILE, LOCKS_DIR, TempArea
 from csi.store import Store, StoreFull
 
@@ -378,31 +377,3 @@ def test_key_lock_of_a_killed_process_is_released(tmp_path: Path) -> None:
     assert _probe(area.key_locks.path, area.key_locks.offset(key))
     with area.key_locks.hold(key):
         pass
-
-
-# -- ObjectBatch (composefs-csi build) on the same mechanism --------------------------------
-
-
-def test_object_batch_sync_failure_names_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    repo = Repository(tmp_path / "r", create=True)
-    srcs = []
-    for i in range(5):
-        p = tmp_path / f"src{i}"
-        p.write_bytes(blob(f"b{i}", 1000 + i))
-        srcs.append(p)
-
-    def syncfs(path: Path) -> None:
-        raise OSError(errno.EIO, "simulated")
-
-    monkeypatch.setattr(batch_mod, "syncfs", syncfs)
-    with pytest.raises(OSError, match="simulated"), ObjectBatch(repo) as b:
-        for p in srcs:
-            b.add_file(p)
-    assert files_under(repo.root / "objects") == []
-    assert files_under(repo.root / ".tmp") == []
-    monkeypatch.undo()
-    with ObjectBatch(repo) as b:
-        digests = [b.add_file(p) for p in srcs]
-    assert all(repo.has_object(d) for d in digests)
