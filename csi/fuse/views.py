@@ -30,20 +30,20 @@ from typing import Any
 
 import pyfuse3
 
+from csi.image import erofs as E
 from csi.image.reader import Attr, Image
 
 from .inodes import NID_MASK, ROOT_INO, SLOT_SHIFT, make_ino, split_ino
 from .objects import FetchProgress, ObjectSource
 
-BLOCK = 4096
-_OVL = b"trusted.overlay."
-_OVL_ESC = b"trusted.overlay.overlay."
-_OPAQUE = b"trusted.overlay.opaque"
-_XWHITEOUT = b"trusted.overlay.whiteout"
+BLOCK = E.BLOCK_SIZE
+#: How a merged view names overlay xattrs as the kernel presents them (unescaped).
+_OPAQUE = E.OVL_OPAQUE
+_XWHITEOUT = E.OVL_PREFIX + b"whiteout"
 _WH = b".wh."
 _WH_OPQ = b".wh..wh..opq"
-_FT_REG = 1
-_FT_DIR = 2
+_FT_REG = E.FT_REG_FILE
+_FT_DIR = E.FT_DIR
 
 #: Readdir cookies 1 and 2 are "." and ".."; entries follow.
 DOT_ENTRIES = 2
@@ -372,9 +372,9 @@ class _MergedDir:
 def _present_ovl_xattrs(names: list[bytes]) -> list[bytes]:
     out = []
     for n in names:
-        if n.startswith(_OVL):
-            if n.startswith(_OVL_ESC):
-                out.append(_OVL + n[len(_OVL_ESC) :])
+        if n.startswith(E.OVL_PREFIX):
+            if n.startswith(E.OVL_ESCAPED_PREFIX):
+                out.append(E.OVL_PREFIX + n[len(E.OVL_ESCAPED_PREFIX) :])
         else:
             out.append(n)
     return out
@@ -558,8 +558,8 @@ class CompositionView(View):
     def getxattr(self, ino: int, name: bytes) -> bytes | None:
         layer, nid = self._layer_nid(ino)
         img = self.images[layer]
-        if name.startswith(_OVL):
-            return img.getxattr(nid, _OVL_ESC + name[len(_OVL) :])
+        if name.startswith(E.OVL_PREFIX):
+            return img.getxattr(nid, E.OVL_ESCAPED_PREFIX + name[len(E.OVL_PREFIX) :])
         return img.getxattr(nid, name)
 
     def file(self, ino: int) -> FileRef:
