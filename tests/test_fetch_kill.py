@@ -31,8 +31,9 @@ def _temp_files(store: Path) -> list[Path]:
 def test_kill_during_fetch_then_refetch(world: World, tmp_path: Path) -> None:
     store_dir = tmp_path / "store"
     with FaultProxy(world.port).running() as proxy:
-        # Every object body stalls after 64 KiB: the 3 MiB object is surely mid-transfer.
-        proxy.add(Fault("stall", match="/objects/", times=-1, after=65536, seconds=60))
+        # Object bodies stall after 2 MiB: the 3 MiB object is left mid-transfer, with more
+        # than the fetcher's 1 MiB hand-off already written to its temp file.
+        proxy.add(Fault("stall", match="/objects/", times=-1, after=2 << 20, seconds=60))
         url = f"http://127.0.0.1:{proxy.port}/"
         proc = subprocess.Popen(
             [
