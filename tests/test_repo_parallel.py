@@ -92,3 +92,48 @@ def test_a_failing_sync_names_nothing(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.undo()
     digests, added, _ = store_files(repo, paths, processes=1)
     assert added == 6 and all(repo.has_object(d) for d in digests)
+
+
+def test_sizes_around_the_direct_io_and_buffer_limits(tmp_path: Path) -> None:
+    """Below and above DIRECT_MIN_SIZE, and across the 1 MiB buffer: exact objects."""
+    from csi.repo.directio import BUFFER_SIZE
+    from csi.repo.parallel import DIRECT_MIN_SIZE
+
+    sizes = [1, 4095, DIRECT_MIN_SIZE - 1, DIRECT_MIN_SIZE, DIRECT_MIN_SIZE + 1]
+    sizes += [BUFFER_SIZE - 1, BUFFER_SIZE, BUFFER_SIZE + 1, 2 * BUFFER_SIZE + 4097]
+    contents = [os.urandom(n) for n in sizes]
+    paths = _files(tmp_path / "src", contents)
+    repo = Repository(tmp_path / "repo", create=True)
+    digests, added, present = store_files(repo, paths, processes=2, chunk=2)
+    assert (added, present) == (len(sizes), 0)
+    for data, d in zip(contents, digests, strict=True):
+        assert repo.object_path(d).read_bytes() == data
+    assert _temps(repo) == []
+
+
+def test_present_small_files_make_no_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file that fits one buffer is hashed first; if its object exists, nothing is created.
+    (A larger one is copied while hashing, and the copy dropped.)"""
+    from csi.repo import parallel
+    from csi.repo.directio import BUFFER_SIZE
+
+    contents = [b"small" * 100, os.urandom(BUFFER_SIZE + 10)]
+    paths = _files(tmp_path / "src", contents)
+    repo = Repository(tmp_path / "repo", create=True)
+    store_files(repo, paths, processes=1)
+    repo.tmp.ensure_dirs()
+    created: list[str] = []
+    real_open = os.open
+
+    def counting_open(path: str, flags: int, *a: int) -> int:
+        if flags & os.O_CREAT:
+            created.append(path)
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(parallel.os, "open", counting_open)
+    out = parallel._copy_chunk(str(repo.tmp.path), str(repo.root / "objects"), os.getpid(), paths)
+    assert [(d, t) for d, t, _ in out] == [(digest_bytes(c), "") for c in contents]
+    assert len(created) == 1  # only the large file's copy, since dropped
+    assert _temps(repo) == []

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from csi.image.fromdir import ScanOptions, scan_directory
 from csi.image.tree import Tree, object_path
 from csi.image.writer import write_image
 from csi.repo import Repository
-from csi.repo.parallel import store_files
+from csi.repo.parallel import default_processes, store_files
 
 
 def build_from_directory(
@@ -31,7 +30,7 @@ def build_from_directory(
     Returns (tree, objects added now, objects already present).
     """
     result = scan_directory(src, dataclasses.replace(options, compute_digest=False))
-    processes = options.threads or os.cpu_count() or 1
+    processes = options.threads or default_processes()
     with Bar(f"building {src}", enabled=show_progress) as bar:
         bar.update_to(0, result.bytes)
         digests, added, present = store_files(

@@ -51,7 +51,10 @@ def _add_build(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--min-version", type=int, default=0, choices=(0, 1))
     p.add_argument("--max-version", type=int, default=1, choices=(0, 1))
     p.add_argument(
-        "--jobs", type=int, default=0, help="processes copying and hashing files (default: CPUs)"
+        "--jobs",
+        type=int,
+        default=0,
+        help="processes copying and hashing files (default: 2 per CPU, at most 16)",
     )
     p.add_argument("--image-out", help="also write the image to this file")
     p.set_defaults(module="build")
