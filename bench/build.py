@@ -208,25 +208,35 @@ def main(argv: list[str] | None = None) -> int:
     how, build = choose_builder()
     print(f"build: {how}; each contender warmed once, then median of {args.repeats}")
 
-    fresh_repo = workdir / "repo-fresh"
     full_repo = workdir / "repo-populated"
+    # Each fresh build gets a new directory; all are removed after the measurements. Removing
+    # one just before the next build would time ext4's inode allocator instead of the build:
+    # without a journal (as here) it skips inodes freed in the last 30 s one by one
+    # (find_inode_bit -> recently_deleted), so creating 20k files right after deleting 20k
+    # costs seconds, for ``cp -r`` too.
+    fresh_dirs: list[Path] = []
+    for old in workdir.glob("repo-fresh*"):
+        shutil.rmtree(old, ignore_errors=True)
 
-    def wipe_fresh() -> None:
-        shutil.rmtree(fresh_repo, ignore_errors=True)
+    def new_fresh() -> None:
+        fresh_dirs.append(workdir / f"repo-fresh-{len(fresh_dirs)}")
 
-    rows: list[tuple[str, list[float]]] = [
-        ("sha256sum (xargs -P1)", measure(sha256sum_cmd(src, 1), args.repeats)),
-        ("sha256sum (xargs -P2)", measure(sha256sum_cmd(src, 2), args.repeats)),
-        (
-            "composefs-csi build, fresh repo",
-            measure(lambda: build(src, fresh_repo), args.repeats, setup=wipe_fresh),
-        ),
-        (
-            "composefs-csi build, objects present",
-            measure(lambda: build(src, full_repo), args.repeats),
-        ),
-    ]
-    shutil.rmtree(fresh_repo, ignore_errors=True)
+    try:
+        rows: list[tuple[str, list[float]]] = [
+            ("sha256sum (xargs -P1)", measure(sha256sum_cmd(src, 1), args.repeats)),
+            ("sha256sum (xargs -P2)", measure(sha256sum_cmd(src, 2), args.repeats)),
+            (
+                "composefs-csi build, fresh repo",
+                measure(lambda: build(src, fresh_dirs[-1]), args.repeats, setup=new_fresh),
+            ),
+            (
+                "composefs-csi build, objects present",
+                measure(lambda: build(src, full_repo), args.repeats),
+            ),
+        ]
+    finally:
+        for d in fresh_dirs:
+            shutil.rmtree(d, ignore_errors=True)
 
     print()
     print(f"{'contender':40} {'median s':>9} {'MB/s':>8}   runs")
