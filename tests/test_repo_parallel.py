@@ -96,8 +96,7 @@ def test_a_failing_sync_names_nothing(tmp_path: Path, monkeypatch: pytest.Monkey
 
 def test_sizes_around_the_direct_io_and_buffer_limits(tmp_path: Path) -> None:
     """Below and above DIRECT_MIN_SIZE, and across the 1 MiB buffer: exact objects."""
-    from csi.repo.directio import BUFFER_SIZE
-    from csi.repo.parallel import DIRECT_MIN_SIZE
+    from csi.repo.directio import BUFFER_SIZE, DIRECT_MIN_SIZE
 
     sizes = [1, 4095, DIRECT_MIN_SIZE - 1, DIRECT_MIN_SIZE, DIRECT_MIN_SIZE + 1]
     sizes += [BUFFER_SIZE - 1, BUFFER_SIZE, BUFFER_SIZE + 1, 2 * BUFFER_SIZE + 4097]

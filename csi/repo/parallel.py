@@ -26,17 +26,12 @@ from pathlib import Path
 from csi.image.fsverity import FsVerityHasher
 
 from . import layout
-from .directio import BlockWriter, enable_direct
+from .directio import DIRECT_MIN_SIZE, BlockWriter, enable_direct
 from .repository import Repository
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 _SYNC_FILE_RANGE_WRITE = 2
-
-#: Files at least this large are written with direct I/O. Below it, a direct write's wait
-#: for the device costs more than the page cache's copy (bench.build: 64 KiB best of
-#: 0 / 64 KiB / 1 MiB / never).
-DIRECT_MIN_SIZE = 64 << 10
 
 #: ``progress(files_done, bytes_done)``.
 Progress = Callable[[int, int], None]
