@@ -12,6 +12,7 @@ import pytest
 
 from csi.image.fsverity import digest_bytes
 from csi.metrics import REGISTRY
+from csi.repo.directio import enable_direct
 from csi.store import (
     DigestMismatch,
     ImageRejected,
@@ -110,6 +111,31 @@ def test_writer_reset_restarts_the_object(store: Store) -> None:
 
     assert store.ensure(d, retrying) is True
     assert store.object_path(d).read_bytes() == data
+
+
+@pytest.mark.parametrize("size", [1, 65535, 65536, 3 * (1 << 20) + 5])
+def test_direct_io_objects_are_exact(store: Store, size: int) -> None:
+    """Objects announced as 64 KiB or more are written with direct I/O (padded, then
+    truncated): the stored file is exactly the bytes, including after a reset mid-way."""
+    data = blob(size, size)
+    d = digest_bytes(data)
+    used: list[bool] = []
+
+    def fill(w: ObjectWriter) -> None:
+        w.write(data[: size // 2 + 1])
+        w.reset()
+        w.write(data[:5000])
+        w.write(data[5000:])
+        used.append(w.direct)
+
+    assert store.ensure(d, fill, size_hint=size) is True
+    assert store.object_path(d).read_bytes() == data
+    probe = os.open(store.root / "probe", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        supported = enable_direct(probe)
+    finally:
+        os.close(probe)
+    assert used == [size >= 65536 and supported]
 
 
 def test_writer_unusable_after_commit(store: Store) -> None:

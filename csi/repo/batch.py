@@ -61,15 +61,28 @@ def writeback_error(fd: int, name: str = "") -> OSError | None:
 
 
 def make_durable(
-    root: Path, temps: Sequence[TempFile], sync: SyncFn | None = None
+    root: Path,
+    temps: Sequence[TempFile],
+    sync: SyncFn | None = None,
+    *,
+    direct: Sequence[bool] | None = None,
 ) -> list[OSError | None]:
     """Flush the filesystem of ``root`` once; then, per temp file, ``None`` if its bytes are
-    durable, else the error (every file fails if the sync itself fails)."""
+    durable, else the error (every file fails if the sync itself fails).
+
+    A file written with direct I/O (``direct[i]``) has no page of its own to write back: an
+    error writing its data was returned by ``write`` itself, and the sync (which writes its
+    size and block map) reports its own. Only the others are asked for a writeback error.
+    """
     try:
         (sync or syncfs)(root)
     except OSError as e:
         return [OSError(e.errno, e.strerror, str(t.path)) for t in temps]
-    return [writeback_error(t.lock_fd, str(t.path)) for t in temps]
+    skip = direct or [False] * len(temps)
+    return [
+        None if d else writeback_error(t.lock_fd, str(t.path))
+        for t, d in zip(temps, skip, strict=True)
+    ]
 
 
 class _Slot(Generic[T]):

@@ -36,6 +36,7 @@ from typing import Any, Literal
 from csi.image.fsverity import digest_bytes, digest_file
 from csi.repo import layout
 from csi.repo.batch import GroupCommit, make_durable
+from csi.repo.directio import DIRECT_MIN_SIZE
 from csi.repo.repository import Progress, Repository
 from csi.repo.tmpfiles import TempFile, pid_alive
 from csi.repo.verity import UNSUPPORTED_ERRNOS, enable_verity
@@ -74,7 +75,7 @@ def default_image_parser(data: bytes) -> set[bytes]:
 class _Pending:
     """A verified temp file waiting for the group commit to make it durable and name it."""
 
-    __slots__ = ("digest", "kind", "published", "refs", "size", "tmp", "verity")
+    __slots__ = ("digest", "direct", "kind", "published", "refs", "size", "tmp", "verity")
 
     def __init__(
         self,
@@ -84,8 +85,10 @@ class _Pending:
         size: int,
         verity: bool,
         refs: set[bytes] | None,
+        direct: bool = False,
     ) -> None:
         self.digest = digest
+        self.direct = direct
         self.tmp = tmp
         self.kind = kind
         self.size = size
@@ -296,8 +299,9 @@ class Store:
             tmp: TempFile | None = None
             try:
                 tmp = self.repo.tmp.create(kind[:3])
-                writer = ObjectWriter(tmp, digest)
+                writer = ObjectWriter(tmp, digest, direct=(size_hint or 0) >= DIRECT_MIN_SIZE)
                 fill(writer)
+                writer.finish()
                 writer.close()
                 actual = writer.digest()
                 if actual != digest:
@@ -310,7 +314,7 @@ class Store:
                 tmp.close_write()
                 # before the flush, so the flush makes the Merkle tree durable too
                 verity = self._try_verity(tmp.lock_fd)
-                pending = _Pending(digest, tmp, kind, size, verity, refs)
+                pending = _Pending(digest, tmp, kind, size, verity, refs, writer.direct)
                 self._group.submit(pending)
                 published = pending.published
                 if published:
@@ -350,7 +354,10 @@ class Store:
         """Flush leader: make ``items`` durable, name them, record them in one transaction."""
         out: list[BaseException | None] = [None] * len(items)
         if self._fsync:
-            for i, err in enumerate(make_durable(self.root, [p.tmp for p in items])):
+            durable = make_durable(
+                self.root, [p.tmp for p in items], direct=[p.direct for p in items]
+            )
+            for i, err in enumerate(durable):
                 out[i] = err
         ok = [i for i in range(len(items)) if out[i] is None]
         if not ok:
@@ -407,7 +414,7 @@ class Store:
         return out
 
     def _parse_tmp(self, tmp: TempFile, size: int) -> set[bytes]:
-        data = os.pread(tmp.fd, size, 0)
+        data = os.pread(tmp.lock_fd, size, 0)  # (``fd`` may be direct-I/O only)
         if len(data) != size:
             raise StoreError(f"short read of temp file {tmp.path}")
         return self._parse(data)
