@@ -65,8 +65,8 @@ def test_a_failing_file_leaves_nothing_behind(tmp_path: Path) -> None:
 def test_store_cleaner_spares_a_live_builds_temps(tmp_path: Path) -> None:
     repo = Repository(tmp_path / "repo", create=True)
     repo.tmp.ensure_dirs()
-    live = repo.tmp.path / f"{os.getpid()}-0123456789abcdef.build.tmp"
-    dead = repo.tmp.path / "999999999-0123456789abcdef.build.tmp"
+    live = repo.tmp.path / f"{os.getpid()}-0123456789abcdef.worker.tmp"
+    dead = repo.tmp.path / "999999999-0123456789abcdef.worker.tmp"
     live.write_bytes(b"in progress")
     dead.write_bytes(b"left by a crash")
     assert repo.tmp.clean() == 1

@@ -28,6 +28,7 @@ from csi.image.fsverity import FsVerityHasher
 from . import layout
 from .directio import DIRECT_MIN_SIZE, BlockWriter, enable_direct
 from .repository import Repository
+from .tmpfiles import WORKER_TEMP_SUFFIX
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
@@ -65,7 +66,7 @@ def _copy_chunk(
                 if whole and _present(objects, h.digest()):
                     out.append((h.digest(), "", h.size))
                     continue
-                tmp = os.path.join(tmpdir, f"{tag}-{secrets.token_hex(8)}.build.tmp")
+                tmp = os.path.join(tmpdir, f"{tag}-{secrets.token_hex(8)}{WORKER_TEMP_SUFFIX}")
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
                 out.append((b"", tmp, 0))  # registered before writing: removed on failure
                 try:
@@ -171,7 +172,7 @@ def store_files(
         commit()
     finally:
         os.close(root_fd)
-        for leftover in Path(tmpdir).glob(f"{tag}-*.build.tmp"):
+        for leftover in Path(tmpdir).glob(f"{tag}-*{WORKER_TEMP_SUFFIX}"):
             with contextlib.suppress(OSError):
                 leftover.unlink()
     return digests, added, present

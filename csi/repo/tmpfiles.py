@@ -23,10 +23,14 @@ import os
 import secrets
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 LOCKS_DIR = "locks"
+#: Suffix of the temp files that worker processes (of a build, or of a bulk fetch) write
+#: without a lock, named ``<pid of the process they work for>-<random><suffix>``: in use
+#: while that process lives.
+WORKER_TEMP_SUFFIX = ".worker.tmp"
 #: The file holding every :class:`KeyLocks` range lock (inside ``LOCKS_DIR``; never cleaned).
 KEY_LOCKS_FILE = "keys.lock"
 
@@ -162,6 +166,36 @@ class KeyLocks:
             else:
                 self._give_fd(fd)
 
+    def try_hold_many(self, keys: Iterable[bytes]) -> tuple[int, list[bytes]]:
+        """Take, without waiting, the locks of ``keys`` that nobody else holds.
+
+        Returns a descriptor of its own and the keys locked through it; closing the
+        descriptor (:meth:`release_many`) releases them all at once. (Threads of this process
+        are not excluded by these: the caller does that.)
+        """
+        fd = self._take_fd()
+        got: list[bytes] = []
+        try:
+            for key in keys:
+                off = self.offset(key)
+                lk = struct.pack(_FLOCK, fcntl.F_WRLCK, 0, off, 1, 0)
+                try:
+                    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, lk)
+                except OSError as e:
+                    if e.errno not in (errno.EAGAIN, errno.EACCES):
+                        raise
+                    continue
+                got.append(key)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, got
+
+    @staticmethod
+    def release_many(fd: int) -> None:
+        """Release every lock taken through ``fd`` by :meth:`try_hold_many`."""
+        os.close(fd)  # the last descriptor of the OFD: its locks go with it
+
     def close(self) -> None:
         """Close the pooled descriptors (locks in use stay held until released)."""
         with self._mu:
@@ -270,9 +304,9 @@ class TempArea:
 
     @staticmethod
     def _clean_file(path: Path) -> int:
-        if path.name.endswith(".build.tmp"):
-            # Written unlocked by the worker processes of a build (csi.repo.parallel), named
-            # after the building process: in use while that process lives.
+        if path.name.endswith(WORKER_TEMP_SUFFIX):
+            # Written unlocked by worker processes (csi.repo.parallel, csi.fetch.bulk), named
+            # after the process they work for: in use while that process lives.
             head = path.name.split("-", 1)[0]
             if head.isdigit() and pid_alive(int(head)):
                 return 0
