@@ -4,6 +4,7 @@ partial. Also the per-digest cross-process locks (OFD range locks)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -72,6 +73,49 @@ def test_group_commit_waiters_share_the_next_flush() -> None:
     assert sorted(groups[1]) == list(range(1, 10))  # everyone waiting shared one flush
     assert len(groups) == 2 and gc.flushes == 2 and gc.items == 10
     assert list(errors) == [5]  # each item gets its own outcome
+
+
+def test_submit_all_flushes_a_batch_together_among_single_submitters() -> None:
+    """Batches (adopted worker files) and single items (inserts) share flushes; a batch is
+    never split across flushes, every item is flushed once, outcomes come back per item."""
+    mu = threading.Lock()
+    groups: list[list[int]] = []
+
+    def flush(items: list[int]) -> list[BaseException | None]:
+        with mu:
+            groups.append(list(items))
+        time.sleep(0.002)
+        return [ValueError(i) if i % 7 == 0 else None for i in items]
+
+    gc: GroupCommit[int] = GroupCommit(flush)
+    batch_out: dict[int, list[BaseException | None]] = {}
+
+    def batch(k: int) -> None:
+        batch_out[k] = gc.submit_all([1000 * k + j for j in range(1, 9)])
+
+    def single(i: int) -> None:
+        with contextlib.suppress(ValueError):
+            gc.submit(i)
+
+    threads = [threading.Thread(target=batch, args=(k,)) for k in range(1, 6)]
+    threads += [threading.Thread(target=single, args=(i,)) for i in range(1, 30)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    flushed = [i for g in groups for i in g]
+    assert sorted(flushed) == sorted(set(flushed))  # each item once
+    assert set(flushed) == set(range(1, 30)) | {
+        1000 * k + j for k in range(1, 6) for j in range(1, 9)
+    }
+    for k in range(1, 6):
+        members = {1000 * k + j for j in range(1, 9)}
+        assert sum(1 for g in groups if members & set(g)) == 1  # one flush for the batch
+        outs = batch_out[k]
+        assert [type(o) if o else None for o in outs] == [
+            ValueError if (1000 * k + j) % 7 == 0 else None for j in range(1, 9)
+        ]
+    assert gc.submit_all([]) == []
 
 
 def test_group_commit_flush_exception_fails_the_whole_group() -> None:

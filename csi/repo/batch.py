@@ -144,6 +144,31 @@ class GroupCommit(Generic[T]):
         if slot.error is not None:
             raise slot.error
 
+    def submit_all(self, items: Sequence[T]) -> list[BaseException | None]:
+        """Submit several items at once; return once all are flushed, with each one's outcome.
+
+        The items join the pending list together, and every flush takes the whole list, so
+        they are flushed together: waiting on the first is waiting on all.
+        """
+        if not items:
+            return []
+        slots = [_Slot(i) for i in items]
+        with self._mu:
+            self._pending.extend(slots)
+            lead = not self._running
+            if lead:
+                self._running = True
+                group, self._pending = self._pending, []
+        if not lead:
+            slots[0].wake.acquire()  # done, or handed the lead
+            if not slots[0].done:
+                with self._mu:
+                    group, self._pending = self._pending, []
+                lead = True
+        if lead:
+            self._lead(group)
+        return [s.error for s in slots]
+
     def _lead(self, group: list[_Slot[T]]) -> None:
         outcomes: Sequence[BaseException | None]
         try:
