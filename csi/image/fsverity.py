@@ -30,6 +30,15 @@ _ZERO_BLOCK = bytes(BLOCK_SIZE)
 _READ_SIZE = 1 << 20
 #: Longest piece hashlib hashes without releasing the GIL (its threshold is 2048 bytes).
 _PIECE = 2047
+#: Threads that sleep for good in a system call (a watcher): not counted as threads that
+#: could want the GIL (see the module doc and :func:`register_idle_thread`).
+_idle_threads = 0
+
+
+def register_idle_thread() -> None:
+    """Declare that one thread of this process only ever waits in a system call."""
+    global _idle_threads
+    _idle_threads += 1
 
 
 def _block_hash(block: bytes | bytearray | memoryview) -> bytes:
@@ -73,7 +82,7 @@ class FsVerityHasher:
             hashes = levels[0]
             sha = hashlib.sha256
             # _block_hash and _fold inlined: this loop is the hot path of every store insertion.
-            if threading.active_count() > 1:
+            if threading.active_count() - _idle_threads > 1:
                 while pos < end:
                     h = sha(mv[pos : pos + _PIECE])
                     h.update(mv[pos + _PIECE : pos + 2 * _PIECE])
