@@ -3,7 +3,7 @@
 from .admin import fsck_store, gc_store
 from .errors import DigestMismatch, ImageRejected, StoreError, StoreFull
 from .reports import FsckReport, GcReport, RecoveryReport, StoreUsage
-from .store import Fill, ImageParser, Kind, Store, default_image_parser
+from .store import Fill, ImageParser, Kind, Store, default_image_parser, is_no_space
 from .writer import ObjectWriter
 
 __all__ = [
@@ -23,4 +23,5 @@ __all__ = [
     "default_image_parser",
     "fsck_store",
     "gc_store",
+    "is_no_space",
 ]

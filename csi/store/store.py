@@ -29,7 +29,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -104,7 +104,8 @@ class _Flight:
         self.done = threading.Event()
 
 
-def _is_no_space(e: BaseException) -> bool:
+def is_no_space(e: BaseException) -> bool:
+    """Whether ``e`` says the store's filesystem is full (a write, or SQLite's journal)."""
     if isinstance(e, StoreFull):
         return True
     if isinstance(e, OSError) and e.errno in NO_SPACE_ERRNOS:
@@ -328,7 +329,7 @@ class Store:
                     tmp.discard()
                 if writer is not None:
                     writer.close()
-                no_space = (writer is not None and writer.no_space) or _is_no_space(e)
+                no_space = (writer is not None and writer.no_space) or is_no_space(e)
                 if not no_space:
                     raise
                 written = writer.size if writer is not None else 0
@@ -349,6 +350,84 @@ class Store:
                     "are leased or in use"
                     + (f"; GC errors: {'; '.join(gc_done.errors)}" if gc_done.errors else "")
                 ) from e
+
+    @contextlib.contextmanager
+    def claim(self, digests: Iterable[bytes]) -> Iterator[set[bytes]]:
+        """Claim the writing of ``digests`` for someone who will :meth:`adopt` them.
+
+        Yields the claimed subset: objects not present, and not being written by another
+        thread (single-flight) or process (per-digest locks) of this store. The rest are
+        left to :meth:`ensure`, which waits for whoever writes them. On exit the claims end:
+        threads waiting for one of them look again (and write it themselves if it is still
+        missing).
+        """
+        mine: dict[bytes, _Flight] = {}
+        for d in digests:
+            layout.check_digest(d)
+            if self.repo.has_object(d):
+                continue
+            with self._flights_mu:
+                if d in self._flights:
+                    continue
+                mine[d] = self._flights[d] = _Flight()
+        fd = -1
+        try:
+            fd, locked = self.repo.tmp.key_locks.try_hold_many(list(mine))
+            held = {d for d in locked if not self.repo.has_object(d)}
+            yield held
+        finally:
+            if fd >= 0:
+                self.repo.tmp.key_locks.release_many(fd)
+            with self._flights_mu:
+                for d in mine:
+                    del self._flights[d]
+            for f in mine.values():
+                f.done.set()
+
+    def adopt(
+        self, files: Sequence[tuple[bytes, str | os.PathLike[str], int, bool]]
+    ) -> list[bool | BaseException]:
+        """Take over object files written and verified by our own worker processes.
+
+        ``files``: (digest, temp file in this store's temp area, size, written with direct
+        I/O); the caller holds their :meth:`claim`. Each is made durable, named and recorded
+        as :meth:`ensure` would (one flush for all of them). Per file: True if named now,
+        False if the object was already there, or the error; a file not named is removed.
+        """
+        out: list[bool | BaseException] = [False] * len(files)
+        todo: list[tuple[int, _Pending]] = []
+        for i, (digest, path, size, direct) in enumerate(files):
+            try:
+                layout.check_digest(digest)
+                lock_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except (OSError, ValueError) as e:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                out[i] = e
+                continue
+            tmp = TempFile(Path(path), -1, lock_fd)
+            if self.repo.has_object(digest):
+                tmp.discard()
+                continue
+            verity = self._try_verity(lock_fd)
+            todo.append((i, _Pending(digest, tmp, "object", size, verity, None, direct)))
+        errors = self._group.submit_all([p for _, p in todo])
+        added = False
+        for (i, p), err in zip(todo, errors, strict=True):
+            if err is not None:
+                p.tmp.discard()
+                out[i] = err
+                continue
+            out[i] = p.published
+            if p.published:
+                added = True
+                m.OBJECTS_ADDED.inc()
+                m.BYTES_ADDED.inc(p.size)
+                if p.verity:
+                    m.VERITY_ENABLED.inc()
+        if added:
+            self._after_insert()
+        return out
 
     def _commit_group(self, items: list[_Pending]) -> list[BaseException | None]:
         """Flush leader: make ``items`` durable, name them, record them in one transaction."""
