@@ -16,6 +16,8 @@ Example (every key optional except ``repositories``)::
       low_watermark: 0.8                # ...and frees down to this one
     fetch:                              # defaults for every repository (a repository may override)
       concurrency: 16
+      processes: 4                      # worker processes for big eager fetches (0: none;
+                                        # absent: 2 per CPU, at most 8)
       timeouts: {connect: 10, read: 30, total: 600}
       retries: {max_attempts: 5, base_backoff: 0.2, max_backoff: 10}
       rpc_wait: 100                     # seconds a publish waits before answering "retry later"
@@ -146,7 +148,7 @@ def config_from_dict(raw: object) -> DriverConfig:
         "configuration",
     )
     fetch = _mapping(top.get("fetch"), "fetch")
-    _take(fetch, {"concurrency", "timeouts", "retries", "rpc_wait"}, "fetch")
+    _take(fetch, {"concurrency", "processes", "timeouts", "retries", "rpc_wait"}, "fetch")
     rpc_wait = _number(fetch.pop("rpc_wait", 100.0), "fetch.rpc_wait", lo=1)
 
     repos_raw = top.get("repositories")

@@ -45,16 +45,23 @@ def test_fetch_defaults_apply_and_repositories_override() -> None:
                     "name": "b",
                     "urls": ["https://b.example/"],
                     "concurrency": 4,
+                    "processes": 0,
                     "timeouts": {"read": 5},
                 },
             ],
             "default_repository": "b",
-            "fetch": {"concurrency": 32, "timeouts": {"connect": 3, "read": 60}, "rpc_wait": 50},
+            "fetch": {
+                "concurrency": 32,
+                "processes": 3,
+                "timeouts": {"connect": 3, "read": 60},
+                "rpc_wait": 50,
+            },
             "store": {"size_cap": "2Gi", "high_watermark": 0.95, "low_watermark": 0.5},
         }
     )
     assert cfg.repository("a").concurrency == 32
     assert cfg.repository("b").concurrency == 4
+    assert (cfg.repository("a").processes, cfg.repository("b").processes) == (3, 0)
     assert cfg.repository("b").timeouts.connect == 3
     assert cfg.repository("b").timeouts.read == 5
     assert cfg.repository(None).name == "b"

@@ -173,3 +173,16 @@ def test_retry_after_parsing() -> None:
     assert parse_retry_after(None) is None
     assert parse_retry_after("soon") is None
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
+
+
+def test_processes_setting() -> None:
+    base = {"name": "r", "urls": ["https://example.org/repo/"]}
+    assert RepositoryConfig.from_dict(base).processes is None  # automatic
+    assert RepositoryConfig.from_dict({**base, "processes": 0}).processes == 0
+    assert "processes=3" in repr(RepositoryConfig.from_dict({**base, "processes": 3}))
+    with pytest.raises(ConfigError, match="processes must not be negative"):
+        RepositoryConfig.from_dict({**base, "processes": -1})
+    from csi.fetch.bulk import default_processes
+
+    assert 1 <= default_processes(16) <= 8
+    assert default_processes(1) == 1

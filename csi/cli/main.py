@@ -99,6 +99,13 @@ def _add_store_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     )
     p.add_argument("--store", required=True, help="node store directory (created if missing)")
     p.add_argument("--concurrency", type=int, default=16, help="parallel downloads (default 16)")
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=None,
+        help="worker processes that download, hash and write objects when there are 64 or "
+        "more (default: 2 per CPU, at most 8; 0: none)",
+    )
     p.add_argument("--allow-plain-http", action="store_true", help="permit http:// URLs")
     p.add_argument("--ca-bundle", help="PEM file of CAs to trust for https")
     p.add_argument("--bearer-token-file", help="file holding a bearer token")

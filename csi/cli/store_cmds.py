@@ -35,6 +35,7 @@ def pull(args: argparse.Namespace) -> int:
             list(args.repository),
             Path(args.store),
             concurrency=args.concurrency,
+            processes=args.processes,
             on_progress=on_progress,
             allow_plain_http=args.allow_plain_http,
             auth=BearerAuth(Path(args.bearer_token_file)) if args.bearer_token_file else None,

@@ -20,12 +20,20 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from csi.image.errors import FormatError
 from csi.image.fsverity import digest_bytes
-from csi.store import DigestMismatch, ImageRejected, ObjectWriter, Store, StoreFull
+from csi.store import (
+    DigestMismatch,
+    ImageRejected,
+    ObjectWriter,
+    Store,
+    StoreFull,
+    is_no_space,
+)
 
+from . import bulk
 from . import metrics as m
 from .config import RepositoryConfig
 from .errors import (
@@ -48,6 +56,28 @@ from .sources import Source, make_source
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+#: Fetches needing at least this many new objects download them in worker processes
+#: (:mod:`csi.fetch.bulk`) when the repository has any.
+BULK_MIN_OBJECTS = 64
+#: Objects (and at most bytes) handed to a worker process at a time.
+_BULK_CHUNK = 32
+_BULK_CHUNK_BYTES = 16 << 20
+
+
+class ObjectSink(Protocol):
+    """Where :meth:`RepositoryClient._download` puts an object: the store, or a worker
+    process's temp files (:mod:`csi.fetch.bulk`)."""
+
+    def ensure(
+        self,
+        digest: bytes,
+        fill: Callable[[ObjectWriter], None],
+        *,
+        kind: Any = ...,
+        size_hint: int | None = ...,
+    ) -> bool: ...
+
 
 _RANK: dict[type[SourceError], int] = {
     SourceCorrupt: 6,
@@ -131,6 +161,13 @@ class RepositoryClient:
         self._sleep = sleep
         self._rng = rng
         self._pool = ThreadPoolExecutor(config.concurrency, thread_name_prefix=f"fetch-{self.name}")
+        processes = (
+            config.processes
+            if config.processes is not None
+            else bulk.default_processes(config.concurrency)
+        )
+        self._bulk = bulk.BulkPool(config, processes) if processes > 0 else None
+        self.bulk_min_objects = BULK_MIN_OBJECTS
         self._mu = threading.Lock()
         self._inflight: dict[tuple[int, bytes], _Task] = {}
         self._closed = False
@@ -140,6 +177,8 @@ class RepositoryClient:
             return
         self._closed = True
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._bulk is not None:
+            self._bulk.close()
         for s in self.sources:
             s.close()
 
@@ -212,7 +251,7 @@ class RepositoryClient:
 
     def _download(
         self,
-        store: Store,
+        store: ObjectSink,
         digest: bytes,
         *,
         kind: Any,
@@ -309,7 +348,7 @@ class RepositoryClient:
             with self._mu:
                 self._inflight.pop((id(store), digest), None)
 
-    def _submit(
+    def _register(
         self, store: Store, digest: bytes, size: int | None, progress: FetchProgress
     ) -> tuple[_Task, bool]:
         """The shared task downloading ``digest`` (created if needed). (task, created)."""
@@ -320,9 +359,126 @@ class RepositoryClient:
                 task.interest += 1
                 return task, False
             task = self._inflight[key] = _Task(size, progress)
+        return task, True
+
+    def _start(self, store: Store, digest: bytes, task: _Task) -> None:
         fut = self._pool.submit(self._object_task, store, digest, task)
         fut.add_done_callback(lambda f: _chain(f, task.future))
-        return task, True
+
+    def _start_bulk(self, store: Store, new: list[tuple[bytes, _Task]]) -> None:
+        """Hand ``new`` tasks to the worker processes, a chunk per job of the thread pool."""
+        chunk: list[tuple[bytes, _Task]] = []
+        size = 0
+        for d, task in new:
+            chunk.append((d, task))
+            size += task.size or 0
+            if len(chunk) >= _BULK_CHUNK or size >= _BULK_CHUNK_BYTES:
+                self._submit_bulk(store, chunk)
+                chunk, size = [], 0
+        if chunk:
+            self._submit_bulk(store, chunk)
+
+    def _submit_bulk(self, store: Store, chunk: list[tuple[bytes, _Task]]) -> None:
+        def done(f: Future[None]) -> None:
+            # A job cancelled (the client closed) or failed unexpectedly: no task may hang.
+            if f.cancelled():
+                error: BaseException | None = Cancelled("the client was closed")
+            else:
+                error = f.exception()
+            if error is not None:
+                for d, task in chunk:
+                    self._settle(store, d, task, error=error)
+
+        self._pool.submit(self._bulk_job, store, chunk).add_done_callback(done)
+
+    def _bulk_job(self, store: Store, chunk: list[tuple[bytes, _Task]]) -> None:
+        """Thread-pool job: one chunk through a worker process, then into the store.
+
+        Only objects this job could claim in the store go to the worker; one being written
+        by another thread or process is waited for in-process (``store.ensure``).
+        """
+        assert self._bulk is not None
+        tasks = dict(chunk)
+        with store.claim(tasks) as mine:
+            for d in tasks.keys() - mine:
+                if store.has_object(d):
+                    self._settle(store, d, tasks[d], result=(False, 0))
+            if mine:
+                self._bulk_claimed(store, [(d, tasks[d]) for d in tasks if d in mine])
+        for d, task in chunk:  # claimed elsewhere: wait for it (or write it) here
+            if not task.future.done():
+                self._finish_in_process(store, d, task)
+
+    def _bulk_claimed(self, store: Store, chunk: list[tuple[bytes, _Task]]) -> None:
+        assert self._bulk is not None
+        tasks = dict(chunk)
+        try:
+            results, _ = self._bulk.fetch(store.repo.tmp.path, [(d, t.size) for d, t in chunk])
+        except Exception as e:  # the worker died, or could not start: the caller retries
+            log.warning(
+                "repository %r: worker process failed (%s); fetching %d objects in-process",
+                self.name,
+                e,
+                len(chunk),
+            )
+            return
+        written = [r for r in results if isinstance(r, bulk.Written)]
+        try:
+            outcomes: list[bool | BaseException] = list(
+                store.adopt([(w.digest, w.path, w.size, w.direct) for w in written])
+            )
+        except BaseException as e:
+            outcomes = [e] * len(written)
+        for w, outcome in zip(written, outcomes, strict=True):
+            task = tasks[w.digest]
+            task.progress.downloaded(w.received)
+            if isinstance(outcome, BaseException) and is_no_space(outcome):
+                # Left unsettled: fetched again in-process, where the store can make room.
+                log.info(
+                    "repository %r: store full adopting %s; fetching it in-process",
+                    self.name,
+                    w.digest.hex(),
+                )
+            elif isinstance(outcome, BaseException):
+                self._settle(store, w.digest, task, error=outcome)
+            else:
+                self._settle(store, w.digest, task, result=(outcome, w.received))
+        for r in results:
+            if not isinstance(r, bulk.Failed):
+                continue
+            if r.error == "no_space":
+                # Left unsettled: fetched again in-process, where the store can make room.
+                log.info("repository %r: %s; fetching it in-process", self.name, r.message)
+            else:  # final: the worker already tried every mirror
+                self._settle(store, r.digest, tasks[r.digest], error=r.to_exception())
+
+    def _finish_in_process(self, store: Store, digest: bytes, task: _Task) -> None:
+        try:
+            res = self._object_task(store, digest, task)
+        except BaseException as e:
+            self._settle(store, digest, task, error=e)
+        else:
+            self._settle(store, digest, task, result=res)
+
+    def _settle(
+        self,
+        store: Store,
+        digest: bytes,
+        task: _Task,
+        *,
+        result: tuple[bool, int] | None = None,
+        error: BaseException | None = None,
+    ) -> None:
+        with self._mu:
+            if self._inflight.get((id(store), digest)) is task:
+                del self._inflight[(id(store), digest)]
+        if task.future.done():
+            return
+        if error is not None:
+            task.future.set_exception(error)
+        else:
+            assert result is not None
+            task.future.set_result(result)
 
     # -- public API --------------------------------------------------------------------------
 
@@ -484,9 +640,17 @@ class RepositoryClient:
         if self._closed:
             raise FetchError("client is closed", repository=self.name)
         mine: dict[Future[tuple[bool, int]], tuple[bytes, _Task, bool]] = {}
+        new: list[tuple[bytes, _Task]] = []
         for d in sorted(missing):
-            task, created = self._submit(store, d, sizes.get(d), prog)
+            task, created = self._register(store, d, sizes.get(d), prog)
             mine[task.future] = (d, task, created)
+            if created:
+                new.append((d, task))
+        if self._bulk is not None and len(new) >= self.bulk_min_objects:
+            self._start_bulk(store, new)
+        else:
+            for d, task in new:
+                self._start(store, d, task)
         fetched = shared = received = 0
         pending = set(mine)
         error: BaseException | None = None

@@ -101,6 +101,10 @@ class RepositoryConfig:
     timeouts: Timeouts = field(default_factory=Timeouts)
     retries: RetryPolicy = field(default_factory=RetryPolicy)
     concurrency: int = 16
+    #: Worker processes for eager fetches of many objects (csi.fetch.bulk); 0: none, all
+    #: downloads in threads of the calling process; None: two per CPU, at most 8 and at
+    #: most ``concurrency``.
+    processes: int | None = None
     #: Largest image (metadata) accepted, bytes.
     max_image_size: int = 1 << 30
 
@@ -117,6 +121,8 @@ class RepositoryConfig:
             check_url(u, self.name, self.allow_plain_http)
         if self.concurrency < 1:
             raise ConfigError("concurrency must be at least 1", repository=self.name)
+        if self.processes is not None and self.processes < 0:
+            raise ConfigError("processes must not be negative", repository=self.name)
         if self.retries.max_attempts < 1:
             raise ConfigError("retries.max_attempts must be at least 1", repository=self.name)
         if (self.client_key is not None) and self.client_cert is None:
@@ -127,7 +133,8 @@ class RepositoryConfig:
         return (
             f"RepositoryConfig(name={self.name!r}, urls=[{urls}], auth={self.auth!r}, "
             f"ca_bundle={self.ca_bundle!r}, client_cert={self.client_cert!r}, "
-            f"allow_plain_http={self.allow_plain_http}, concurrency={self.concurrency})"
+            f"allow_plain_http={self.allow_plain_http}, concurrency={self.concurrency}, "
+            f"processes={self.processes})"
         )
 
     __str__ = __repr__
@@ -139,7 +146,7 @@ class RepositoryConfig:
         Keys: name, urls (list or string), auth {type: bearer, token_file} or
         {type: basic, username, password_file}, ca_bundle, client_cert, client_key,
         allow_plain_http, timeouts {connect, read, total}, retries {max_attempts, base_backoff,
-        max_backoff, jitter, max_retry_after}, concurrency, max_image_size.
+        max_backoff, jitter, max_retry_after}, concurrency, processes, max_image_size.
         """
         d = dict(data)
         name = str(d.pop("name", ""))
@@ -164,7 +171,7 @@ class RepositoryConfig:
             kwargs["timeouts"] = Timeouts(**d.pop("timeouts"))
         if "retries" in d:
             kwargs["retries"] = RetryPolicy(**d.pop("retries"))
-        for key in ("allow_plain_http", "concurrency", "max_image_size"):
+        for key in ("allow_plain_http", "concurrency", "processes", "max_image_size"):
             if key in d:
                 kwargs[key] = d.pop(key)
         if d:

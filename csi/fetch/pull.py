@@ -17,6 +17,7 @@ def pull(
     store_dir: Path,
     *,
     concurrency: int = 16,
+    processes: int | None = None,
     on_progress: Listener | None = None,
     name: str = "default",
     allow_plain_http: bool = False,
@@ -30,7 +31,8 @@ def pull(
 
     ``on_progress`` is called with a :class:`~csi.fetch.progress.ProgressSnapshot` after every
     change, from worker threads. ``name`` is the repository name recorded with the ref in the
-    store. Raises :class:`~csi.fetch.errors.FetchError` (its ``str`` is the message for users).
+    store. ``processes``: worker processes for many objects (None: automatic, 0: none).
+    Raises :class:`~csi.fetch.errors.FetchError` (its ``str`` is the message for users).
     """
     urls = tuple([repository] if isinstance(repository, str) else repository)
     config = RepositoryConfig(
@@ -42,6 +44,7 @@ def pull(
         client_key=client_key,
         allow_plain_http=allow_plain_http,
         concurrency=concurrency,
+        processes=processes,
     )
     with Store(Path(store_dir)) as store, RepositoryClient(config) as client:
         return client.fetch_image(ref, store, FetchProgress(on_progress))

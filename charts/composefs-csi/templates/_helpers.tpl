@@ -124,6 +124,7 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- $_ := set $d "client_key" (printf "%s/tls.key" $dir) -}}
 {{- end -}}
 {{- if hasKey $r "concurrency" -}}{{- $_ := set $d "concurrency" $r.concurrency -}}{{- end -}}
+{{- if hasKey $r "processes" -}}{{- $_ := set $d "processes" $r.processes -}}{{- end -}}
 {{- if hasKey $r "maxImageSize" -}}{{- $_ := set $d "max_image_size" $r.maxImageSize -}}{{- end -}}
 {{- with $r.timeouts -}}{{- $_ := set $d "timeouts" . -}}{{- end -}}
 {{- with $r.retries -}}
@@ -156,11 +157,12 @@ app.kubernetes.io/component: {{ index . 1 }}
   "repositories" (include "composefs-csi.repositoriesConfig" $ | fromYamlArray)
   "default_repository" (default (index $v.repositories 0).name $v.defaultRepository)
   "store" $store
-  "fetch" (dict
+  "fetch" (merge (dict
     "concurrency" $v.fetch.concurrency
     "timeouts" $v.fetch.timeouts
     "retries" (dict "max_attempts" $v.fetch.retries.maxAttempts "base_backoff" $v.fetch.retries.baseBackoff "max_backoff" $v.fetch.retries.maxBackoff)
     "rpc_wait" $v.fetch.rpcWait)
+    (ternary (dict "processes" $v.fetch.processes) dict (kindIs "float64" $v.fetch.processes)))
   "dataplane" (dict
     "mountpoint" (include "composefs-csi.mountRoot" $)
     "socket" (printf "%s/dataplane.sock" (include "composefs-csi.runDir" $))

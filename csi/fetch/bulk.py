@@ -1,0 +1,262 @@
+"""Downloading many objects in worker processes.
+
+Fetching objects costs CPU as much as network: every 4 KiB block is hashed (fs-verity) in
+Python. In one process the fetching threads queue on the GIL, and so does the store's flush
+leader, after each of its system calls: on 2 CPUs a 1 GiB / 10k-object image took 11 s that
+way. For an eager fetch of many objects the client therefore hands them, a few at a time, to
+worker processes. A worker downloads each object exactly as an in-process download does (the
+same mirrors, retries, limits and checks: :meth:`RepositoryClient._download`), into a temp file
+of the store named after the parent process (so the store's cleaner leaves it alone while the
+parent lives, and removes it once the parent is gone), and returns what it wrote. The parent
+then has the store adopt the files: one filesystem sync per group, then their names and their
+rows (:meth:`csi.store.Store.adopt`). Counters a worker moved are carried back and added to
+the parent's metrics.
+
+A worker that runs out of space reports it; the parent fetches that object again in-process,
+where a full store triggers garbage collection.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import secrets
+import select
+import threading
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client import Counter
+
+from csi.image.fsverity import register_idle_thread
+from csi.repo.directio import DIRECT_MIN_SIZE
+from csi.repo.tmpfiles import WORKER_TEMP_SUFFIX, TempFile
+from csi.store import DigestMismatch, ObjectWriter, StoreFull
+
+from . import errors
+from . import metrics as m
+from .config import RepositoryConfig
+
+#: The counters whose worker-side increments are carried back to the parent.
+_CARRIED: dict[str, Counter] = {
+    "bytes": m.BYTES,
+    "objects": m.OBJECTS,
+    "retries": m.RETRIES,
+    "digest_mismatches": m.DIGEST_MISMATCHES,
+}
+
+CounterDelta = list[tuple[str, dict[str, str], float]]
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    """An object a worker wrote and verified: ``path`` holds exactly its ``size`` bytes."""
+
+    digest: bytes
+    path: str
+    size: int
+    direct: bool
+    received: int
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """An object a worker could not fetch: ``error`` names a :mod:`csi.fetch.errors` class,
+    or is ``"no_space"`` (retry in-process, where the store can make room)."""
+
+    digest: bytes
+    error: str
+    message: str
+    subject: str | None
+    received: int
+
+    def to_exception(self) -> errors.FetchError:
+        cls = getattr(errors, self.error, None)
+        if not (isinstance(cls, type) and issubclass(cls, errors.FetchError)):
+            cls = errors.FetchError
+        e = cls(self.message)  # the message already names the repository and subject
+        e.subject = self.subject
+        return e
+
+
+ChunkResult = tuple[list[Written | Failed], CounterDelta]
+
+
+class _TempSink:
+    """What a worker's downloads write into: ``ensure`` as the store has it, but each object
+    goes to a new temp file of the store's temp area, kept (unnamed) for the parent."""
+
+    def __init__(self, tmpdir: str, tag: int) -> None:
+        self.tmpdir = tmpdir
+        self.tag = tag
+        self.written: list[tuple[bytes, str, int, bool]] = []
+
+    def ensure(
+        self,
+        digest: bytes,
+        fill: Callable[[ObjectWriter], None],
+        *,
+        kind: str = "object",
+        size_hint: int | None = None,
+    ) -> bool:
+        path = os.path.join(self.tmpdir, f"{self.tag}-{secrets.token_hex(8)}{WORKER_TEMP_SUFFIX}")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        tmp = TempFile(Path(path), fd, os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+        writer = ObjectWriter(tmp, digest, direct=(size_hint or 0) >= DIRECT_MIN_SIZE)
+        try:
+            fill(writer)
+            writer.finish()
+            actual = writer.digest()
+            if actual != digest:
+                raise DigestMismatch(digest, actual, f"{kind} {digest.hex()}")
+            os.fchmod(fd, 0o644)
+            self.written.append((digest, path, writer.size, writer.direct))
+        except BaseException:
+            writer.close()
+            tmp.discard()
+            raise
+        writer.close()
+        tmp.close_write()
+        os.close(tmp.lock_fd)
+        return True
+
+
+# -- worker process -----------------------------------------------------------------------------
+
+_client: object = None  # the worker's RepositoryClient (one per process; set by _init)
+
+
+def _init(config: RepositoryConfig, parent: int) -> None:
+    global _client
+    from .client import RepositoryClient
+
+    _client = RepositoryClient(config)
+    _exit_with(parent)
+
+
+def _exit_with(pid: int) -> None:
+    """End this worker as soon as process ``pid`` ends (even by SIGKILL): an orphaned pool
+    worker would otherwise wait for work forever."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:  # already gone, or no pidfd (Linux < 5.3)
+        if not _alive(pid):
+            os._exit(70)
+        return
+
+    def watch() -> None:
+        select.select([pidfd], [], [])
+        os._exit(70)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+    register_idle_thread()  # it only waits: hashing may go on one block per call
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _counters() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for key, metric in _CARRIED.items():
+        for family in metric.collect():
+            for s in family.samples:
+                if s.name.endswith("_total"):
+                    out[(key, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def _fetch_chunk(tmpdir: str, tag: int, items: list[tuple[bytes, int | None]]) -> ChunkResult:
+    """Worker: fetch ``items`` (digest, size) into temp files under ``tmpdir``."""
+    from .client import RepositoryClient
+
+    client = _client
+    assert isinstance(client, RepositoryClient), "bulk worker used before _init"
+    before = _counters()
+    out: list[Written | Failed] = []
+    for digest, size in items:
+        h = digest.hex()
+        sink = _TempSink(tmpdir, tag)
+        subject = f"object {h}"
+        try:
+            _stored, got = client._download(
+                sink,
+                digest,
+                kind="object",
+                subject=subject,
+                relpath=f"objects/{h[:2]}/{h[2:]}",
+                size=size,
+                progress=None,
+            )
+        except errors.NoSpace as e:
+            out.append(Failed(digest, "no_space", str(e), subject, 0))
+            continue
+        except errors.FetchError as e:
+            out.append(Failed(digest, type(e).__name__, str(e), e.subject, 0))
+            continue
+        except StoreFull as e:
+            out.append(Failed(digest, "no_space", str(e), subject, 0))
+            continue
+        except OSError as e:
+            # Our side (the temp area), not the repository's: the parent retries in-process.
+            out.append(Failed(digest, "no_space", f"writing a temp file: {e}", subject, 0))
+            continue
+        d, path, n, direct = sink.written[-1]
+        out.append(Written(d, path, n, direct, got))
+    after = _counters()
+    delta: CounterDelta = [
+        (key, dict(labels), v - before.get((key, labels), 0.0))
+        for (key, labels), v in after.items()
+        if v != before.get((key, labels), 0.0)
+    ]
+    return out, delta
+
+
+# -- parent ---------------------------------------------------------------------------------------
+
+
+def default_processes(concurrency: int) -> int:
+    """Workers when the configuration does not say: two per CPU, at most 8 and at most
+    ``concurrency``."""
+    return max(1, min(concurrency, 8, 2 * (os.cpu_count() or 1)))
+
+
+class BulkPool:
+    """The worker processes of one repository client (started on first use)."""
+
+    def __init__(self, config: RepositoryConfig, processes: int) -> None:
+        self.config = config
+        self.processes = processes
+        self._pool: ProcessPoolExecutor | None = None
+
+    def _executor(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(
+                self.processes,
+                mp_context=multiprocessing.get_context("forkserver"),
+                initializer=_init,
+                initargs=(self.config, os.getpid()),
+            )
+        return self._pool
+
+    def fetch(self, tmpdir: Path, items: list[tuple[bytes, int | None]]) -> ChunkResult:
+        """Fetch ``items`` in a worker (blocks until done); apply its counters here."""
+        results, delta = (
+            self._executor().submit(_fetch_chunk, str(tmpdir), os.getpid(), items).result()
+        )
+        for key, labels, v in delta:
+            _CARRIED[key].labels(**labels).inc(v)
+        return results, delta
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None

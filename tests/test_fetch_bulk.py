@@ -1,0 +1,200 @@
+"""Bulk fetches in worker processes (csi.fetch.bulk) against real nginx and the fault proxy:
+the same results, errors and metrics as in-process downloads; nothing left behind."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from csi.fetch import NoSpace, NotFound, RepositoryClient, RepositoryConfig, RetryPolicy
+from csi.image.fsverity import digest_bytes
+from csi.metrics import REGISTRY
+from csi.repo.tmpfiles import WORKER_TEMP_SUFFIX
+from csi.store import Store
+from tests.fetchkit import Fault, FaultProxy, World, serve_world, store_is_verified
+
+pytestmark = pytest.mark.skipif(
+    __import__("shutil").which("nginx") is None and not Path("/usr/sbin/nginx").exists(),
+    reason="nginx is not installed (scripts/setup.sh installs it)",
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    with serve_world(tmp_path_factory.mktemp("fetch-bulk")) as w:
+        yield w
+
+
+@pytest.fixture()
+def proxy(world: World) -> Iterator[FaultProxy]:
+    with FaultProxy(world.port).running() as p:
+        yield p
+
+
+def bulk_client(url: str, name: str, **kw: object) -> RepositoryClient:
+    cfg = RepositoryConfig(
+        name=name,
+        urls=(url,),
+        allow_plain_http=True,
+        concurrency=4,
+        processes=2,
+        retries=RetryPolicy(max_attempts=3, base_backoff=0.01, max_backoff=0.05),
+        **kw,  # type: ignore[arg-type]
+    )
+    c = RepositoryClient(cfg)
+    c.bulk_min_objects = 1  # every object fetch goes through the worker processes
+    return c
+
+
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def worker_temps(store: Path) -> list[Path]:
+    return list((store / ".tmp").glob(f"*{WORKER_TEMP_SUFFIX}"))
+
+
+def object_path(world: World, name: str, ref: str = "app:v1") -> str:
+    h = digest_bytes(world.files[ref][name]).hex()
+    return f"/objects/{h[:2]}/{h[2:]}"
+
+
+def test_bulk_fetch_is_complete_verified_and_counted(world: World, tmp_path: Path) -> None:
+    ok_bytes = metric("composefs_csi_fetch_bytes_total", repository="bulk-a", result="ok")
+    ok_objects = metric("composefs_csi_fetch_objects_total", repository="bulk-a", result="ok")
+    store = Store(tmp_path / "s")
+    with bulk_client(f"http://127.0.0.1:{world.port}/", "bulk-a") as c:
+        res = c.fetch_image("app:v1", store)
+        again = c.fetch_image("nested/app:v2", store)  # shares 90%: only the rest is fetched
+    assert res.objects_fetched == res.objects_total > 8
+    assert store.missing_objects(world.images["app:v1"]) == set()
+    assert store.missing_objects(world.images["nested/app:v2"]) == set()
+    assert 0 < again.objects_fetched < again.objects_total
+    assert store_is_verified(store.root) == len(list(store.repo.iter_objects()))
+    assert worker_temps(store.root) == []
+    # what the workers downloaded is counted in this process's metrics
+    fetched = res.objects_fetched + again.objects_fetched
+    new_objects = metric("composefs_csi_fetch_objects_total", repository="bulk-a", result="ok")
+    assert new_objects - ok_objects == fetched
+    objects = store.image_objects(res.image) | store.image_objects(again.image)
+    object_bytes = sum(store.object_path(d).stat().st_size for d in objects)
+    new_bytes = metric("composefs_csi_fetch_bytes_total", repository="bulk-a", result="ok")
+    assert object_bytes <= new_bytes - ok_bytes <= object_bytes + (1 << 20)  # + the images
+
+
+def test_bulk_recovers_from_flipped_bytes(world: World, proxy: FaultProxy, tmp_path: Path) -> None:
+    """A worker retries a corrupt download; the retry and the mismatch reach our metrics."""
+    big = object_path(world, "big")
+    proxy.add(Fault("flip", match=big))
+    retries = metric("composefs_csi_fetch_retries_total", repository="bulk-b", reason="corrupt")
+    mismatches = metric("composefs_csi_fetch_digest_mismatches_total", repository="bulk-b")
+    store = Store(tmp_path / "s")
+    with bulk_client(f"http://127.0.0.1:{proxy.port}/", "bulk-b") as c:
+        res = c.fetch_image("app:v1", store)
+    assert res.objects_fetched == res.objects_total
+    assert proxy.requests[big] == 2
+    store_is_verified(store.root)
+    assert (
+        metric("composefs_csi_fetch_retries_total", repository="bulk-b", reason="corrupt")
+        == retries + 1
+    )
+    assert metric("composefs_csi_fetch_digest_mismatches_total", repository="bulk-b") == (
+        mismatches + 1
+    )
+
+
+def test_bulk_not_found_keeps_its_class_and_subject(
+    world: World, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    big = object_path(world, "big")
+    proxy.add(Fault("status", match=big, status=404, times=-1))
+    store = Store(tmp_path / "s")
+    with (
+        bulk_client(f"http://127.0.0.1:{proxy.port}/", "bulk-c") as c,
+        pytest.raises(NotFound) as e,
+    ):
+        c.fetch_image("app:v1", store)
+    assert e.value.subject == f"object {digest_bytes(world.files['app:v1']['big']).hex()}"
+    assert "bulk-c" in str(e.value) and "404" in str(e.value)
+    store_is_verified(store.root)  # the other objects are stored, verified
+    assert worker_temps(store.root) == []
+
+
+@pytest.mark.root
+def test_bulk_worker_out_of_space_falls_back_to_the_store(
+    world: World, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker cannot write the 3 MiB object on a full disk: the object is fetched again
+    in-process, where the store collects garbage and then says clearly that it is full."""
+    from tests.test_store_full import small_tmpfs
+
+    caplog.set_level(logging.INFO, logger="csi.fetch.client")
+    with small_tmpfs(tmp_path / "mnt", "2m") as mnt:
+        store = Store(mnt / "store")
+        with (
+            bulk_client(f"http://127.0.0.1:{world.port}/", "bulk-d") as c,
+            pytest.raises(NoSpace, match="no space left in the store"),
+        ):
+            c.fetch_image("app:v1", store)
+        assert "fetching it in-process" in caplog.text  # a worker ran out of space first
+        assert worker_temps(store.root) == []
+        assert list((store.root / ".tmp").glob("*.tmp")) == []
+        store_is_verified(store.root)
+
+
+KILLED_BULK = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from csi.fetch import RepositoryClient, RepositoryConfig
+    from csi.store import Store
+
+    cfg = RepositoryConfig(name="k", urls=(sys.argv[2],), allow_plain_http=True,
+                           concurrency=2, processes=2)
+    c = RepositoryClient(cfg)
+    c.bulk_min_objects = 1
+    c.fetch_image("app:v1", Store(Path(sys.argv[1])))
+    """
+)
+
+
+def test_kill9_during_bulk_fetch_leaves_nothing(
+    world: World, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    big = object_path(world, "big")
+    proxy.add(Fault("stall", match=big, times=-1, after=2 << 20, seconds=30))
+    root = tmp_path / "store"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_BULK, str(root), f"http://127.0.0.1:{proxy.port}/"],
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not worker_temps(root):
+            time.sleep(0.05)
+        assert worker_temps(root), "no worker started writing"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    with Store(root) as s:  # the dead fetch's worker files are removed
+        assert worker_temps(root) == []
+        assert s.recovery.temp_removed >= 1
+    store_is_verified(root)
+    store = Store(root)
+    with bulk_client(f"http://127.0.0.1:{world.port}/", "bulk-e") as c:
+        res = c.fetch_image("app:v1", store)
+    assert store.missing_objects(res.image) == set()
+    store_is_verified(root)
