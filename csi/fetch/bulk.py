@@ -239,9 +239,14 @@ class BulkPool:
 
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
+            ctx = multiprocessing.get_context("forkserver")
+            # Workers fork from a server that has imported this module (and with it pycurl,
+            # the store and the client) once, instead of each importing them (if the server
+            # runs already, started by someone else, this is a no-op).
+            ctx.set_forkserver_preload([__name__, "csi.fetch.client"])
             self._pool = ProcessPoolExecutor(
                 self.processes,
-                mp_context=multiprocessing.get_context("forkserver"),
+                mp_context=ctx,
                 initializer=_init,
                 initargs=(self.config, os.getpid()),
             )
