@@ -18,6 +18,7 @@ where a full store triggers garbage collection.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import secrets
@@ -103,23 +104,27 @@ class _TempSink:
     ) -> bool:
         path = os.path.join(self.tmpdir, f"{self.tag}-{secrets.token_hex(8)}{WORKER_TEMP_SUFFIX}")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        tmp = TempFile(Path(path), fd, os.open(path, os.O_RDONLY | os.O_CLOEXEC))
-        writer = ObjectWriter(tmp, digest, direct=(size_hint or 0) >= DIRECT_MIN_SIZE)
         try:
-            fill(writer)
-            writer.finish()
-            actual = writer.digest()
+            # (no lock descriptor: the name says whose file it is; see tmpfiles.TempArea.clean)
+            writer = ObjectWriter(
+                TempFile(Path(path), fd, -1), digest, direct=(size_hint or 0) >= DIRECT_MIN_SIZE
+            )
+            try:
+                fill(writer)
+                writer.finish()
+                actual = writer.digest()
+            finally:
+                writer.close()
             if actual != digest:
                 raise DigestMismatch(digest, actual, f"{kind} {digest.hex()}")
             os.fchmod(fd, 0o644)
             self.written.append((digest, path, writer.size, writer.direct))
         except BaseException:
-            writer.close()
-            tmp.discard()
+            with contextlib.suppress(OSError):
+                os.unlink(path)
             raise
-        writer.close()
-        tmp.close_write()
-        os.close(tmp.lock_fd)
+        finally:
+            os.close(fd)
         return True
 
 

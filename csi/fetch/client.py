@@ -398,6 +398,16 @@ class RepositoryClient:
         by another thread or process is waited for in-process (``store.ensure``).
         """
         assert self._bulk is not None
+        with self._mu:  # every fetch that wanted these failed meanwhile: skip them
+            dropped = [(d, t) for d, t in chunk if t.interest == 0]
+        for d, task in dropped:
+            error = Cancelled(
+                "every fetch that wanted it failed",
+                repository=self.name,
+                subject=f"object {d.hex()}",
+            )
+            self._settle(store, d, task, error=error)
+        chunk = [(d, t) for d, t in chunk if not t.future.done()]
         tasks = dict(chunk)
         with store.claim(tasks) as mine:
             for d in tasks.keys() - mine:
