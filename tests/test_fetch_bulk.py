@@ -198,3 +198,22 @@ def test_kill9_during_bulk_fetch_leaves_nothing(
         res = c.fetch_image("app:v1", store)
     assert store.missing_objects(res.image) == set()
     store_is_verified(root)
+
+
+def test_bulk_job_skips_objects_no_fetch_wants_any_more(tmp_path: Path) -> None:
+    """A chunk queued behind others may find every fetch that wanted its objects gone (they
+    failed): those objects are not downloaded, and their waiters get Cancelled."""
+    from csi.fetch.client import Cancelled, _Task
+    from csi.fetch.progress import FetchProgress
+
+    store = Store(tmp_path / "s")
+    digest = digest_bytes(b"never wanted")
+    with bulk_client("http://127.0.0.1:9/", "bulk-f") as c:  # nothing listens there
+        task, created = c._register(store, digest, 100, FetchProgress())
+        assert created and isinstance(task, _Task)
+        task.interest = 0
+        c._bulk_job(store, [(digest, task)])
+        with pytest.raises(Cancelled, match="every fetch that wanted it failed"):
+            task.future.result(timeout=5)
+        assert c._inflight == {}
+    assert not store.has_object(digest)
