@@ -33,7 +33,7 @@ from prometheus_client import Counter
 
 from csi.image.fsverity import register_idle_thread
 from csi.repo.directio import DIRECT_MIN_SIZE
-from csi.repo.tmpfiles import WORKER_TEMP_SUFFIX, TempFile
+from csi.repo.tmpfiles import WORKER_TEMP_SUFFIX, TempFile, pid_alive
 from csi.store import DigestMismatch, ObjectWriter, StoreFull
 
 from . import errors
@@ -147,7 +147,7 @@ def _exit_with(pid: int) -> None:
     try:
         pidfd = os.pidfd_open(pid)
     except OSError:  # already gone, or no pidfd (Linux < 5.3)
-        if not _alive(pid):
+        if not pid_alive(pid):
             os._exit(70)
         return
 
@@ -157,16 +157,6 @@ def _exit_with(pid: int) -> None:
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
     register_idle_thread()  # it only waits: hashing may go on one block per call
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _counters() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -126,23 +126,10 @@ class GroupCommit(Generic[T]):
             return len(self._pending)
 
     def submit(self, item: T) -> None:
-        slot = _Slot(item)
-        with self._mu:
-            self._pending.append(slot)
-            lead = not self._running
-            if lead:
-                self._running = True
-                group, self._pending = self._pending, []
-        if not lead:
-            slot.wake.acquire()  # done, or handed the lead (``_running`` stays True)
-            if not slot.done:
-                with self._mu:
-                    group, self._pending = self._pending, []
-                lead = True
-        if lead:
-            self._lead(group)
-        if slot.error is not None:
-            raise slot.error
+        """Return once a flush including ``item`` has finished; raise the item's error."""
+        error = self.submit_all([item])[0]
+        if error is not None:
+            raise error
 
     def submit_all(self, items: Sequence[T]) -> list[BaseException | None]:
         """Submit several items at once; return once all are flushed, with each one's outcome.
@@ -160,7 +147,7 @@ class GroupCommit(Generic[T]):
                 self._running = True
                 group, self._pending = self._pending, []
         if not lead:
-            slots[0].wake.acquire()  # done, or handed the lead
+            slots[0].wake.acquire()  # done, or handed the lead (``_running`` stays True)
             if not slots[0].done:
                 with self._mu:
                     group, self._pending = self._pending, []
