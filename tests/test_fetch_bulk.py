@@ -65,6 +65,20 @@ def worker_temps(store: Path) -> list[Path]:
     return list((store / ".tmp").glob(f"*{WORKER_TEMP_SUFFIX}"))
 
 
+def _forkserver_processes() -> set[int]:
+    """Processes started by multiprocessing's forkserver (the server and its workers)."""
+    out = set()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"multiprocessing.forkserver" in cmd:
+                out.add(int(d.name))
+    return out
+
+
 def object_path(world: World, name: str, ref: str = "app:v1") -> str:
     h = digest_bytes(world.files[ref][name]).hex()
     return f"/objects/{h[:2]}/{h[2:]}"
@@ -175,6 +189,7 @@ def test_kill9_during_bulk_fetch_leaves_nothing(
     big = object_path(world, "big")
     proxy.add(Fault("stall", match=big, times=-1, after=2 << 20, seconds=30))
     root = tmp_path / "store"
+    before = _forkserver_processes()
     proc = subprocess.Popen(
         [sys.executable, "-c", KILLED_BULK, str(root), f"http://127.0.0.1:{proxy.port}/"],
         cwd=REPO_ROOT,
@@ -186,9 +201,15 @@ def test_kill9_during_bulk_fetch_leaves_nothing(
         while time.monotonic() < deadline and not worker_temps(root):
             time.sleep(0.05)
         assert worker_temps(root), "no worker started writing"
+        assert _forkserver_processes() - before, "no worker processes seen"
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(30)
+    # Its workers (one stuck in the stalled transfer) and their server end with it.
+    deadline = time.monotonic() + 20
+    while _forkserver_processes() - before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _forkserver_processes() - before, "orphaned worker processes"
     with Store(root) as s:  # the dead fetch's worker files are removed
         assert worker_temps(root) == []
         assert s.recovery.temp_removed >= 1
