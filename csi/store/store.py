@@ -361,9 +361,11 @@ class Store:
         threads waiting for one of them look again (and write it themselves if it is still
         missing).
         """
-        mine: dict[bytes, _Flight] = {}
-        for d in digests:
+        wanted = list(digests)
+        for d in wanted:
             layout.check_digest(d)
+        mine: dict[bytes, _Flight] = {}
+        for d in wanted:
             if self.repo.has_object(d):
                 continue
             with self._flights_mu:
