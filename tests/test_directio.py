@@ -73,6 +73,8 @@ def test_unattached_writer_refuses_to_write() -> None:
         w.finish()
     with pytest.raises(ValueError, match="past the end"):
         w.advance(ALIGN)
+    with pytest.raises(ValueError, match="buffer full and no descriptor"):
+        w.write(b"y" * ALIGN)  # more than the buffer holds, with nowhere to put it
 
 
 def test_reset_empties_the_file(tmp_path: Path) -> None:

@@ -134,6 +134,8 @@ class BlockWriter:
         src = memoryview(data).cast("B")
         while src:
             room = self.space()
+            if not room:
+                raise ValueError("BlockWriter buffer full and no descriptor attached")
             n = min(len(room), len(src))
             room[:n] = src[:n]
             src = src[n:]
