@@ -19,6 +19,7 @@ where a full store triggers garbage collection.
 from __future__ import annotations
 
 import contextlib
+import logging
 import multiprocessing
 import os
 import secrets
@@ -133,12 +134,26 @@ class _TempSink:
 _client: object = None  # the worker's RepositoryClient (one per process; set by _init)
 
 
-def _init(config: RepositoryConfig, parent: int) -> None:
+def _init(config: RepositoryConfig, parent: int, log_level: int, log_format: str | None) -> None:
     global _client
     from .client import RepositoryClient
 
+    # Log as the parent does (level and line format; to the stderr we share with it).
+    if log_format is not None:
+        logging.basicConfig(level=log_level, format=log_format)
+    else:
+        logging.basicConfig(level=log_level)
     _client = RepositoryClient(config)
     _exit_with(parent)
+
+
+def _log_setup() -> tuple[int, str | None]:
+    root = logging.getLogger()
+    for h in root.handlers:
+        fmt = getattr(h.formatter, "_fmt", None)
+        if isinstance(fmt, str):
+            return root.level, fmt
+    return root.level, None
 
 
 def _exit_with(pid: int) -> None:
@@ -243,7 +258,7 @@ class BulkPool:
                 self.processes,
                 mp_context=ctx,
                 initializer=_init,
-                initargs=(self.config, os.getpid()),
+                initargs=(self.config, os.getpid(), *_log_setup()),
             )
         return self._pool
 
