@@ -347,6 +347,16 @@ def test_backing_and_objects(view: tuple[Tree, Image]) -> None:
     refs = sorted(img.object_refs())
     assert len(refs) == 4
     assert img.object_digests() == {DIGEST, other, b"\x07" * 32}
+    # one walk gives the same digests, each with the size its inode declares
+    expected: dict[bytes, int] = {}
+    for n, payload, d in refs:
+        d = d or (
+            bytes.fromhex((payload[:2] + payload[3:]).decode()) if payload[2:3] == b"/" else None
+        )
+        if d is not None:
+            expected[d] = max(expected.get(d, -1), img.getattr(n).size)
+    assert img.object_sizes() == expected
+    assert img.object_sizes()[DIGEST] == 10_000_000
 
 
 def test_to_tree_undoes_rewriting(view: tuple[Tree, Image]) -> None:

@@ -186,7 +186,9 @@ def exercise(data: bytes) -> None:
             _try(img.raw_lookup, nid, b"..")
     valid = _try(img.validate) is not None or _validates(img)
     tree = _try(img.to_tree)
-    _try(img.object_digests)
+    # The store validates images through object_digests() alone: it must reject exactly
+    # what validate() rejects.
+    assert (_try(img.object_digests) is not None) == _validates(img)
     if valid:
         assert tree is not None, "validate() passed but to_tree() failed"
         tree.validate()  # the tree of a valid image is always a valid tree

@@ -467,14 +467,7 @@ class Image:
         """
         if not self.is_external(nid):
             return None
-        payload = b""
-        digest: bytes | None = None
-        for key, value in self.raw_xattrs(nid):
-            if key == E.OVL_REDIRECT:
-                payload = value[1:] if value.startswith(b"/") else value
-            elif key == E.OVL_METACOPY:
-                digest = _metacopy_digest(value)
-        return payload, digest
+        return _backing(self.raw_xattrs(nid))
 
     # -- xattrs --------------------------------------------------------------------------------
 
@@ -794,19 +787,23 @@ class Image:
     # -- whole-image walks ---------------------------------------------------------------------
 
     def _walk(
-        self, budget: _Budget, seen: dict[int, _Ino]
+        self,
+        budget: _Budget,
+        seen: dict[int, _Ino],
+        external: dict[int, list[tuple[bytes, bytes]]] | None = None,
     ) -> Iterator[tuple[int, list[tuple[bytes, int]]]]:
         """Breadth-first over directories: ``(dir_nid, [(name, child_nid)...])``.
 
         Every check is made: entries sorted and unique, ``.``/``..`` point where they should,
         dirent file types match the inodes, no directory is reachable twice (cycles, directory
         hard links), every inode's xattrs and data parse. Each inode is checked once; the
-        total work is bounded by ``budget``. ``seen`` collects every inode reached.
+        total work is bounded by ``budget``. ``seen`` collects every inode reached, and
+        ``external`` (if given) the parsed xattrs of every external file.
         """
         root = self.root_nid
         parent: dict[int, int] = {root: root}
         queue = deque([root])
-        seen[root] = self._check_inode(root, budget)
+        seen[root] = self._check_inode(root, budget, external)
         while queue:
             d = queue.popleft()
             dino = seen[d]
@@ -823,7 +820,7 @@ class Image:
                     continue
                 cino = seen.get(child)
                 if cino is None:
-                    cino = self._check_inode(child, budget)
+                    cino = self._check_inode(child, budget, external)
                     seen[child] = cino
                     if cino.ifmt == stat.S_IFDIR:
                         parent[child] = d
@@ -841,7 +838,12 @@ class Image:
                 entries.append((name, child))
             yield d, entries
 
-    def _check_inode(self, nid: int, budget: _Budget) -> _Ino:
+    def _check_inode(
+        self,
+        nid: int,
+        budget: _Budget,
+        external: dict[int, list[tuple[bytes, bytes]]] | None = None,
+    ) -> _Ino:
         ino = self._load_inode(nid)
         a = ino.attr
         inline = 0
@@ -850,6 +852,7 @@ class Image:
         elif a.layout == LAYOUT_CHUNK_BASED:
             inline = ino.data_off - ino.xattr_off - ino.xattr_size
         budget.spend(_COMPACT_SIZE + ino.xattr_size + inline, f"nid {nid}")
+        xattrs: list[tuple[bytes, bytes]] = []
         if ino.xattr_size:
             xattrs = self._parse_xattrs(nid, ino)
             keys = set()
@@ -868,6 +871,8 @@ class Image:
             budget.spend(a.size, f"nid {nid}")
         elif ino.ifmt == stat.S_IFREG and a.layout == LAYOUT_FLAT_INLINE:
             budget.spend(a.size - inline, f"nid {nid}")
+        elif external is not None and ino.ifmt == stat.S_IFREG and a.layout == LAYOUT_CHUNK_BASED:
+            external[nid] = xattrs
         return ino
 
     def validate(self) -> None:
@@ -902,17 +907,31 @@ class Image:
                 yield nid, ref[0], ref[1]
 
     def object_digests(self) -> set[bytes]:
-        """Every distinct 32-byte object digest the image references.
+        """Every distinct 32-byte object digest the image references (validating the whole
+        image on the way, as :meth:`validate` does).
 
         From ``trusted.overlay.metacopy``; when that carries no digest, parsed from a redirect
         of the form ``XX/<62 hex>``.
         """
-        out: set[bytes] = set()
-        for _, payload, digest in self.object_refs():
+        return set(self.object_sizes())
+
+    def object_sizes(self) -> dict[bytes, int]:
+        """Each referenced object digest (see :meth:`object_digests`) with the largest file size
+        any inode gives it, in one validating walk of the image. A size is what the image
+        declares: an object of another size simply fails its digest when fetched."""
+        seen: dict[int, _Ino] = {}
+        external: dict[int, list[tuple[bytes, bytes]]] = {}
+        for _ in self._walk(_Budget(self._size), seen, external):
+            pass
+        out: dict[bytes, int] = {}
+        for nid, xattrs in external.items():
+            payload, digest = _backing(xattrs)
             if digest is None and _OBJECT_PATH.match(payload):
                 digest = bytes.fromhex(payload[:2].decode() + payload[3:].decode())
             if digest is not None:
-                out.add(digest)
+                size = seen[nid].attr.size
+                if size > out.get(digest, -1):
+                    out[digest] = size
         return out
 
     def statfs(self) -> tuple[int, int]:
@@ -1077,6 +1096,18 @@ def _unescape(key: bytes) -> bytes:
     if key.startswith(E.OVL_ESCAPED_PREFIX):
         return E.OVL_PREFIX + key[len(E.OVL_ESCAPED_PREFIX) :]
     return key
+
+
+def _backing(xattrs: list[tuple[bytes, bytes]]) -> tuple[bytes, bytes | None]:
+    """``(payload, digest)`` of an external file from its xattrs (see :meth:`Image.backing`)."""
+    payload = b""
+    digest: bytes | None = None
+    for key, value in xattrs:
+        if key == E.OVL_REDIRECT:
+            payload = value[1:] if value.startswith(b"/") else value
+        elif key == E.OVL_METACOPY:
+            digest = _metacopy_digest(value)
+    return payload, digest
 
 
 def _metacopy_digest(value: bytes) -> bytes | None:
