@@ -10,7 +10,13 @@ import pytest
 
 from csi.fetch import RepositoryConfig, RetryPolicy, Timeouts
 from csi.fetch import http as fetch_http
-from csi.fetch.errors import SourceBadResponse, SourceTimeout, SourceTransient
+from csi.fetch.errors import (
+    SourceBadResponse,
+    SourceDenied,
+    SourceNotFound,
+    SourceTimeout,
+    SourceTransient,
+)
 from csi.fetch.http import HttpSource
 from csi.image.fsverity import digest_bytes
 from tests.fetchkit import Fault, FaultProxy, World, serve_world
@@ -130,3 +136,31 @@ def test_size_limit_still_enforced_while_buffering(world: World) -> None:
     finally:
         src.close()
     assert sum(map(len, pieces)) < len(body)
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [
+        (500, SourceTransient),
+        (404, SourceNotFound),
+        (403, SourceDenied),
+        (203, SourceBadResponse),
+    ],
+)
+def test_error_answers_are_classified_by_status(
+    world: World, status: int, error: type[Exception]
+) -> None:
+    # No header callback: libcurl stops at an error status (FAILONERROR) and the status is read
+    # afterwards. An error page never reaches the sink; a non-200 success is refused after.
+    rel, _ = big(world)
+    with FaultProxy(world.port).running() as proxy:
+        proxy.add(Fault("status", status=status))
+        pieces: list[bytes] = []
+        src = source(f"http://127.0.0.1:{proxy.port}/")
+        try:
+            with pytest.raises(error, match=str(status)):
+                src.get(rel, pieces.append)
+        finally:
+            src.close()
+    if status >= 400:
+        assert pieces == []

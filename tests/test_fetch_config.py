@@ -17,7 +17,6 @@ from csi.fetch import (
 )
 from csi.fetch.client import RepositoryClient
 from csi.fetch.config import RetryPolicy, display_url
-from csi.fetch.http import parse_retry_after
 from csi.fetch.refs import parse_ref_target
 
 HEX = "ab" * 32
@@ -166,13 +165,6 @@ def test_backoff_grows_and_is_capped() -> None:
     assert no_jitter._backoff(0, 300.0) == 7.0
     no_jitter.close()
     full.close()
-
-
-def test_retry_after_parsing() -> None:
-    assert parse_retry_after("3") == 3.0
-    assert parse_retry_after(None) is None
-    assert parse_retry_after("soon") is None
-    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
 
 
 def test_processes_setting() -> None:

@@ -3,6 +3,8 @@ with a clear error where it cannot, and the store only ever holds verified objec
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -129,6 +131,29 @@ def test_429_honours_retry_after(world: World, proxy: FaultProxy, tmp_path: Path
     assert 60.0 in sleeps  # capped at max_retry_after
     after = metric("composefs_csi_fetch_retries_total", repository="faulty", reason="http_429")
     assert after == before + 1
+    assert_complete(store, world)
+
+
+def test_retry_after_forms(world: World, proxy: FaultProxy, tmp_path: Path) -> None:
+    # An HTTP date is a wait until then; a past date or an unreadable value leaves the
+    # computed backoff (at most 0.05 s here).
+    soon = email.utils.format_datetime(
+        datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=30), usegmt=True
+    )
+    proxy.add(Fault("status", status=503, retry_after=soon, match=big_path(world)))
+    proxy.add(Fault("status", status=503, retry_after="soon", match=big_path(world)))
+    proxy.add(
+        Fault(
+            "status", status=503, retry_after="Wed, 21 Oct 2015 07:28:00 GMT", match=big_path(world)
+        )
+    )
+    sleeps = Sleeps()
+    store = Store(tmp_path / "s")
+    with client(f"http://127.0.0.1:{proxy.port}/", sleeps=sleeps) as c:
+        c.fetch_image("app:v1", store)
+    assert len(sleeps) == 3
+    assert 20 <= max(sleeps) <= 30
+    assert sorted(sleeps)[:2] == [s for s in sleeps if s <= 0.05]
     assert_complete(store, world)
 
 

@@ -18,7 +18,6 @@ import os
 import threading
 import time
 import urllib.parse
-from email.utils import parsedate_to_datetime
 
 import pycurl
 
@@ -48,30 +47,33 @@ _BUFFER = 1 << 20
 _FLUSH = 1 << 20
 
 # libcurl error codes (curl/curl.h)
+_HTTP_RETURNED_ERROR = 22  # a status >= 400 with FAILONERROR
 _TIMEOUTS = {28}  # OPERATION_TIMEDOUT
 _TLS_PERMANENT = {51, 58, 59, 60, 77, 83, 90, 91}
 _PROTOCOL = {1, 3}  # unsupported protocol, malformed URL
 
 
 class _Transfer:
-    """State of one request, fed by libcurl callbacks."""
+    """State of one request, fed by libcurl callbacks.
+
+    There is no header callback (about ten calls into Python per object saved): error statuses
+    end the transfer in libcurl (``FAILONERROR``) before any of their body is passed on, and the
+    status, content type and Retry-After are read from libcurl afterwards. A transfer that may
+    be a symlink (``accept_symlink``) keeps its whole body until its content type is known.
+    """
 
     __slots__ = (
         "abort",
         "chunks",
-        "content_type",
+        "hold",
         "idle_limit",
         "last_data",
         "last_now",
-        "link",
         "max_size",
         "on_data",
         "pending",
-        "retry_after",
         "sink_failed",
         "size",
-        "status",
-        "symlink_ok",
     )
 
     def __init__(
@@ -81,37 +83,13 @@ class _Transfer:
         self.idle_limit = idle_limit
         self.last_data = time.monotonic()
         self.last_now = 0
-        self.symlink_ok = accept_symlink
+        self.hold = accept_symlink  # pass nothing on before the content type is known
         self.max_size = max_size
-        self.status = 0
-        self.content_type: str | None = None
-        self.retry_after: str | None = None
-        self.link: bytearray | None = None
         self.size = 0
         self.abort: BaseException | None = None
         self.chunks: list[bytes] = []
         self.pending = 0
         self.sink_failed = False
-
-    def header(self, line: bytes) -> None:
-        if line.startswith(b"HTTP/"):
-            # A new response (after a redirect or 100-continue): forget the previous headers.
-            parts = line.split(None, 2)
-            try:
-                self.status = int(parts[1])
-            except (IndexError, ValueError):
-                self.status = 0
-            self.content_type = None
-            self.retry_after = None
-            return
-        name, sep, value = line.partition(b":")
-        if not sep:
-            return
-        key = name.strip().lower()
-        if key == b"content-type":
-            self.content_type = value.strip().decode("latin-1").split(";")[0].strip().lower()
-        elif key == b"retry-after":
-            self.retry_after = value.strip().decode("latin-1")
 
     def progress(self, _dltotal: int, dlnow: int, _ultotal: int, _ulnow: int) -> int:
         """Read timeout: abort when no byte arrived for ``idle_limit`` seconds."""
@@ -125,22 +103,13 @@ class _Transfer:
         return 0
 
     def write(self, data: bytes) -> int | None:
-        if self.status != 200:
-            return None  # error page: discarded, the status decides
         try:
             self.size += len(data)
-            if self.symlink_ok and self.content_type == SYMLINK_CONTENT_TYPE:
-                if self.link is None:
-                    self.link = bytearray()
-                self.link += data
-                if len(self.link) > SYMLINK_MAX:
-                    raise SourceBadResponse(f"symlink target longer than {SYMLINK_MAX} bytes")
-                return None
             if self.max_size is not None and self.size > self.max_size:
                 raise SourceBadResponse(f"body larger than the {self.max_size}-byte limit")
             self.chunks.append(data)
             self.pending += len(data)
-            if self.pending >= _FLUSH:
+            if self.pending >= _FLUSH and not self.hold:
                 self.flush()
         except BaseException as e:  # carried out of libcurl, re-raised by get()
             self.abort = e
@@ -161,19 +130,12 @@ class _Transfer:
             self.sink_failed = True
             raise
 
-
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date)."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
+    def body(self) -> bytes:
+        """Everything held back (``accept_symlink``), taken out."""
+        data = b"".join(self.chunks)
+        self.chunks.clear()
+        self.pending = 0
+        return data
 
 
 class HttpSource(Source):
@@ -224,6 +186,7 @@ class HttpSource(Source):
         c.setopt(pycurl.FOLLOWLOCATION, 1)
         c.setopt(pycurl.MAXREDIRS, 5)
         c.setopt(pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_1_1)
+        c.setopt(pycurl.FAILONERROR, 1)  # error bodies never reach the write callback
         c.setopt(pycurl.ACCEPT_ENCODING, "")  # any encoding libcurl can decode (zstd, gzip...)
         c.setopt(pycurl.CONNECTTIMEOUT_MS, max(1, int(t.connect * 1000)))
         c.setopt(pycurl.TIMEOUT_MS, max(1, int(t.total * 1000)))
@@ -257,14 +220,13 @@ class HttpSource(Source):
             c.setopt(pycurl.PASSWORD, creds[2])
         tr = _Transfer(on_data, accept_symlink, max_size, self.config.timeouts.read)
         c.setopt(pycurl.URL, self.base + urllib.parse.quote(relpath, safe="/:@+=-._~"))
-        c.setopt(pycurl.HEADERFUNCTION, tr.header)
         c.setopt(pycurl.WRITEFUNCTION, tr.write)
         c.setopt(pycurl.XFERINFOFUNCTION, tr.progress)
         try:
             try:
                 c.perform()
             finally:
-                if not tr.sink_failed:
+                if not tr.sink_failed and not tr.hold:
                     # Also after a failed transfer: what arrived is passed on as it was
                     # received (the caller counts it); an error of on_data wins.
                     try:
@@ -277,21 +239,28 @@ class HttpSource(Source):
             if tr.abort is not None:
                 raise tr.abort from None
             code = int(e.args[0]) if e.args else -1
+            if code == _HTTP_RETURNED_ERROR:
+                raise _status_error(c) from None
             msg = str(e.args[1]) if len(e.args) > 1 else ""
             raise _curl_error(code, msg) from None
         finally:
             # Drop references to this transfer (and anything its callbacks hold).
-            c.setopt(pycurl.HEADERFUNCTION, _noop_header)
             c.setopt(pycurl.WRITEFUNCTION, _noop_write)
             c.setopt(pycurl.XFERINFOFUNCTION, _noop_progress)
-        status = tr.status
-        if status == 200:
-            if tr.link is not None:
-                return Response(tr.size, tr.link.decode("utf-8", "replace"))
-            if accept_symlink and tr.content_type == SYMLINK_CONTENT_TYPE:
-                return Response(0, "")  # empty link text: caller rejects it
+        if int(c.getinfo(pycurl.RESPONSE_CODE)) != 200:
+            # A status FAILONERROR lets through (below 400, or an auth answer): whatever was
+            # passed on is then rejected by the caller along with this error.
+            raise _status_error(c)
+        if not tr.hold:
             return Response(tr.size)
-        raise _status_error(status, parse_retry_after(tr.retry_after))
+        data = tr.body()
+        if _content_type(c) == SYMLINK_CONTENT_TYPE:
+            if len(data) > SYMLINK_MAX:
+                raise SourceBadResponse(f"symlink target longer than {SYMLINK_MAX} bytes")
+            return Response(len(data), data.decode("utf-8", "replace"))  # "" is rejected later
+        if data:
+            on_data(data)
+        return Response(tr.size)
 
     def _drop_handle(self) -> None:
         c = getattr(self._local, "curl", None)
@@ -301,10 +270,6 @@ class HttpSource(Source):
 
     def close(self) -> None:
         self._drop_handle()
-
-
-def _noop_header(_line: bytes) -> None:
-    return None
 
 
 def _noop_write(_data: bytes) -> int | None:
@@ -325,7 +290,20 @@ def _system_ca() -> str | None:
     return None
 
 
-def _status_error(status: int, retry_after: float | None) -> SourceError:
+def _content_type(c: pycurl.Curl) -> str | None:
+    """Media type of the last response, lower case, parameters dropped."""
+    raw = c.getinfo_raw(pycurl.CONTENT_TYPE)
+    if not isinstance(raw, bytes):
+        return None
+    return raw.decode("latin-1").split(";")[0].strip().lower()
+
+
+def _status_error(c: pycurl.Curl) -> SourceError:
+    """The error for the last response's status (not 200)."""
+    status = int(c.getinfo(pycurl.RESPONSE_CODE))
+    # Retry-After as libcurl parsed it: seconds, from a number or an HTTP date; 0 if none.
+    wait = int(c.getinfo(pycurl.RETRY_AFTER))
+    retry_after = float(wait) if wait > 0 else None
     if status in (404, 410):
         return SourceNotFound(f"HTTP {status}: not found")
     if status in (401, 403):
