@@ -238,3 +238,78 @@ def test_bulk_job_skips_objects_no_fetch_wants_any_more(tmp_path: Path) -> None:
             task.future.result(timeout=5)
         assert c._inflight == {}
     assert not store.has_object(digest)
+
+
+def _children(pids: set[int]) -> set[int]:
+    """Processes whose parent is one of ``pids``."""
+    out = set()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(")") + 2 :].split()[1]) in pids:
+                out.add(int(d.name))
+    return out
+
+
+def test_warm_starts_the_workers_before_any_fetch_and_close_ends_them(world: World) -> None:
+    from csi.fetch.bulk import BulkPool
+
+    cfg = RepositoryConfig(
+        name="bulk-w", urls=(f"http://127.0.0.1:{world.port}/",), allow_plain_http=True
+    )
+    pool = BulkPool(cfg, 3)
+    servers = _forkserver_processes()
+    before = _children(servers)
+    pool.warm()
+    pool.warm()  # a second call while the first is under way starts nothing more
+    deadline = time.monotonic() + 60
+    started: set[int] = set()
+    while time.monotonic() < deadline:
+        servers = _forkserver_processes()
+        started = _children(servers) - before
+        if started:
+            break
+        time.sleep(0.05)
+    time.sleep(0.5)
+    started = _children(_forkserver_processes()) - before
+    # Forked from the server with no fetch asking: one per task submitted while no worker was
+    # idle yet (all three, unless one was already done with its task).
+    assert 1 <= len(started) <= 3, started
+    pool.close()
+    assert not _children(_forkserver_processes()) & started
+    pool.warm()  # after close: nothing starts, nothing raises
+    with pytest.raises(RuntimeError, match="shut down"):
+        pool.fetch(Path("/nonexistent"), [])
+    time.sleep(0.2)
+    assert not _children(_forkserver_processes()) & started
+
+
+def test_fetch_of_a_large_new_image_warms_the_workers(world: World, tmp_path: Path) -> None:
+    # The workers are asked to start as soon as the image is known to have enough new objects
+    # (before its objects are listed), and are then used for them.
+    from csi.fetch import bulk
+
+    calls: list[str] = []
+    store = Store(tmp_path / "s")
+    with bulk_client(f"http://127.0.0.1:{world.port}/", "bulk-w2") as c:
+        assert c._bulk is not None
+        real = c._bulk.warm
+
+        def warm() -> None:
+            calls.append("warm")
+            real()
+
+        c._bulk.warm = warm  # type: ignore[method-assign]
+        fetch = c._bulk.fetch
+
+        def counted(*a: object, **kw: object) -> bulk.ChunkResult:
+            calls.append("fetch")
+            return fetch(*a, **kw)  # type: ignore[arg-type]
+
+        c._bulk.fetch = counted  # type: ignore[method-assign]
+        c.fetch_image("app:v1", store)
+    assert calls[0] == "warm" and "fetch" in calls
+    assert store.missing_objects(world.images["app:v1"]) == set()

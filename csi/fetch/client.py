@@ -361,6 +361,11 @@ class RepositoryClient:
             task = self._inflight[key] = _Task(size, progress)
         return task, True
 
+    def _warm_bulk(self, objects: int) -> None:
+        """Have the worker processes start now if ``objects`` new objects would go to them."""
+        if self._bulk is not None and objects >= self.bulk_min_objects:
+            self._bulk.warm()
+
     def _start(self, store: Store, digest: bytes, task: _Task) -> None:
         fut = self._pool.submit(self._object_task, store, digest, task)
         fut.add_done_callback(lambda f: _chain(f, task.future))
@@ -496,10 +501,14 @@ class RepositoryClient:
         """The image digest ``ref`` designates (a digest reference needs no request)."""
         return self._resolve(ref, None)[0]
 
-    def _resolve(self, ref: str, progress: FetchProgress | None) -> tuple[bytes, bytes | None]:
+    def _resolve(
+        self, ref: str, progress: FetchProgress | None
+    ) -> tuple[bytes, bytes | None, dict[bytes, int] | None]:
+        """(image digest, image bytes, object sizes): the bytes and the sizes (from one
+        validating walk) when the ref was served as the image itself."""
         d = parse_digest(ref)
         if d is not None:
-            return d, None
+            return d, None, None
         try:
             validate_ref_name(ref)
         except FetchError as e:
@@ -507,7 +516,7 @@ class RepositoryClient:
             raise
         relpath = f"images/refs/{ref}"
 
-        def attempt(src: Source) -> tuple[bytes, bytes | None]:
+        def attempt(src: Source) -> tuple[bytes, bytes | None, dict[bytes, int] | None]:
             buf = bytearray()
 
             def on_data(chunk: bytes) -> None:
@@ -520,20 +529,20 @@ class RepositoryClient:
             )
             if resp.symlink_target is not None:
                 try:
-                    return parse_ref_target(ref, resp.symlink_target), None
+                    return parse_ref_target(ref, resp.symlink_target), None, None
                 except ValueError as e:
                     raise SourceInvalid(str(e)) from None
             body = bytes(buf)
             try:
                 from csi.image.reader import Image
 
-                Image(body).validate()
+                sizes = Image(body).object_sizes()  # validates the whole image
             except FormatError as e:
                 raise SourceInvalid(
                     f"answered {len(body)} bytes that are neither a symlink target nor a "
                     f"composefs image ({e})"
                 ) from None
-            return digest_bytes(body), body
+            return digest_bytes(body), body, sizes
 
         return self._attempts(f"ref {ref!r}", attempt)
 
@@ -574,12 +583,16 @@ class RepositoryClient:
         self, ref: str, store: Store, prog: FetchProgress, with_objects: bool
     ) -> FetchResult:
         t0 = time.monotonic()
-        digest, body = self._resolve(ref, prog)
+        digest, body, body_sizes = self._resolve(ref, prog)
         received = len(body) if body is not None else 0
         h = digest.hex()
         with store.pin([digest]):
             image_fetched = False
             if not store.has_image(digest):
+                if with_objects and body_sizes is not None:
+                    # A new image of many objects: the worker processes start while the
+                    # image is stored and its objects are looked up.
+                    self._warm_bulk(len(body_sizes))
                 prog.set_phase("image")
                 if body is not None:
                     try:
@@ -606,7 +619,10 @@ class RepositoryClient:
             present = len(objects) - len(missing)
             fetched = 0
             if with_objects:
-                sizes: dict[bytes, int] = object_sizes(store.image_path(digest)) if missing else {}
+                self._warm_bulk(len(missing))
+                sizes: dict[bytes, int] = {}
+                if missing:
+                    sizes = body_sizes or object_sizes(store.image_path(digest))
                 total_size = sum(sizes.get(d, 0) for d in objects) if sizes else None
                 prog.set_totals(len(objects), total_size)
                 prog.set_phase("objects")

@@ -132,6 +132,11 @@ class BlockWriter:
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         src = memoryview(data).cast("B")
+        if not self.direct and not self._fill and self.fd is not None and src:
+            # Buffered I/O needs no aligned copy: the bytes go straight to the page cache.
+            self.size += len(src)
+            _write_all(self.fd, src)
+            return
         while src:
             room = self.space()
             if not room:
@@ -196,3 +201,8 @@ class BlockWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while data:
+        data = data[os.write(fd, data) :]
