@@ -13,6 +13,7 @@ import errno
 import fcntl
 import json
 import os
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,6 +113,7 @@ class Repository:
 
     def __init__(self, root: Path, *, create: bool = False) -> None:
         self.root = Path(root)
+        self._root_str = str(self.root)
         self.read_only = False
         self.tmp = TempArea(self.root / layout.TMP_DIR)
         meta_path = self.root / layout.META_FILE
@@ -198,7 +200,14 @@ class Repository:
         return self.root / layout.IMAGES_DIR / layout.REFS_DIR / layout.validate_ref_name(name)
 
     def has_object(self, digest: bytes) -> bool:
-        return self.object_path(digest).is_file()
+        # A plain string path: this is asked for every object of every image fetched.
+        try:
+            st = os.stat(f"{self._root_str}/{layout.object_relpath(digest)}")
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                return False  # as Path.is_file()
+            raise
+        return stat.S_ISREG(st.st_mode)
 
     def has_image(self, digest: bytes) -> bool:
         return self.image_path(digest).is_file()  # follows the link: dangling -> False
