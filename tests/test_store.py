@@ -220,6 +220,20 @@ def test_real_image_objects_and_missing(tmp_path: Path) -> None:
         assert s.usage().images == 1 and temp_files(s.root) == []
 
 
+def test_add_image_bytes_with_objects_listed_by_the_caller(tmp_path: Path) -> None:
+    # A caller that validated the image (the fetcher) passes its objects: they are recorded
+    # without a second walk, and a parser that would reject the image is not consulted.
+    img, digests = real_image([blob("x", 300), blob("y", 400)])
+
+    def refuse(data: bytes) -> set[bytes]:
+        raise AssertionError("parsed again")
+
+    with Store(tmp_path / "s", image_parser=refuse) as s:
+        d = s.add_image_bytes(img, objects=digests)
+        assert s.image_objects(d) == digests
+        assert s.missing_objects(d) == digests
+
+
 def test_ensure_kind_image_records_references(tmp_path: Path) -> None:
     img, digests = real_image([blob("a", 500), blob("b", 700)])
     d = digest_bytes(img)

@@ -167,7 +167,18 @@ class RepositoryClient:
             else bulk.default_processes(config.concurrency)
         )
         self._bulk = bulk.BulkPool(config, processes) if processes > 0 else None
+        # Chunk jobs have threads of their own, two per worker process (one waiting on its
+        # worker, one storing what came back): with as many threads as ``concurrency`` they
+        # would mostly contend for the GIL (0.7 s against 0.4 s of system time per 10k objects).
+        self._bulk_jobs = (
+            ThreadPoolExecutor(2 * processes, thread_name_prefix=f"bulk-{self.name}")
+            if processes > 0
+            else None
+        )
         self.bulk_min_objects = BULK_MIN_OBJECTS
+        # The two counters every stored object moves (labels() looks up and locks each time).
+        self._bytes_ok = m.BYTES.labels(self.name, "ok")
+        self._objects_ok = m.OBJECTS.labels(self.name, "ok")
         self._mu = threading.Lock()
         self._inflight: dict[tuple[int, bytes], _Task] = {}
         self._closed = False
@@ -177,6 +188,8 @@ class RepositoryClient:
             return
         self._closed = True
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._bulk_jobs is not None:
+            self._bulk_jobs.shutdown(wait=True, cancel_futures=True)
         if self._bulk is not None:
             self._bulk.close()
         for s in self.sources:
@@ -314,7 +327,7 @@ class RepositoryClient:
             except StoreFull as e:
                 raise NoSpace(str(e), repository=self.name, subject=subject) from None
             received += got
-            m.BYTES.labels(self.name, "ok").inc(got)
+            self._bytes_ok.inc(got)
             return stored
 
         try:
@@ -323,7 +336,7 @@ class RepositoryClient:
             m.OBJECTS.labels(self.name, _result_label(e)).inc()
             raise
         if stored:
-            m.OBJECTS.labels(self.name, "ok").inc()
+            self._objects_ok.inc()
         return stored, received
 
     def _object_task(self, store: Store, digest: bytes, task: _Task) -> tuple[bool, int]:
@@ -394,7 +407,8 @@ class RepositoryClient:
                 for d, task in chunk:
                     self._settle(store, d, task, error=error)
 
-        self._pool.submit(self._bulk_job, store, chunk).add_done_callback(done)
+        assert self._bulk_jobs is not None
+        self._bulk_jobs.submit(self._bulk_job, store, chunk).add_done_callback(done)
 
     def _bulk_job(self, store: Store, chunk: list[tuple[bytes, _Task]]) -> None:
         """Thread-pool job: one chunk through a worker process, then into the store.
@@ -596,7 +610,9 @@ class RepositoryClient:
                 prog.set_phase("image")
                 if body is not None:
                     try:
-                        store.add_image_bytes(body)
+                        # validated by _resolve, which listed its objects on the way
+                        known = set(body_sizes) if body_sizes is not None else None
+                        store.add_image_bytes(body, objects=known)
                     except ImageRejected as e:
                         raise Corrupt(str(e), repository=self.name, subject=f"image {h}") from None
                     except StoreFull as e:

@@ -530,10 +530,15 @@ class Store:
                 self.db.record_image(cur, digest, refs)
             self.repo.link_image(digest)
 
-    def add_image_bytes(self, data: bytes) -> bytes:
-        """Validate, store and record an image (and the objects it references)."""
+    def add_image_bytes(self, data: bytes, *, objects: set[bytes] | None = None) -> bytes:
+        """Validate, store and record an image (and the objects it references).
+
+        ``objects``: the image's object digests, from a caller in this process that has just
+        validated ``data`` with :mod:`csi.image.reader` (the fetcher must, to tell an image
+        from a symlink answer); the image is then not walked a second time.
+        """
         digest = digest_bytes(data)
-        refs = self._parse(data)
+        refs = set(objects) if objects is not None else self._parse(data)
 
         def fill(w: ObjectWriter) -> None:
             w.write(data)
