@@ -99,3 +99,42 @@ def test_disk_full_gc_then_store_full(tmp_path: Path) -> None:
         assert s.ensure(digest_bytes(huge), writing(huge), size_hint=len(huge)) is True
         assert s.has_image(kept_img) and s.missing_objects(kept_img) == set()
         assert df_used(mnt) <= 11 * MiB
+
+
+def test_unpin_on_a_full_disk_keeps_the_error_of_the_block(tmp_path: Path) -> None:
+    """SQLite needs room even to delete a pin: when that fails on a full disk, the error of
+    the pinned block (itself most likely "no space") is what the caller sees, and the pin is
+    removed by the next pin of the store."""
+    import sqlite3
+
+    from tests._storekit import real_image
+
+    img, _ = real_image([b"pinned while the disk filled"])
+    with Store(tmp_path / "s") as s:
+        d = s.add_image_bytes(img)
+        real_tx = s.db.tx
+
+        @contextlib.contextmanager
+        def full_tx() -> Iterator[sqlite3.Cursor]:
+            raise sqlite3.OperationalError("database or disk is full")
+            yield  # pragma: no cover
+
+        with pytest.raises(StoreFull, match="the block's own"), s.pin([d]):
+            s.db.tx = full_tx  # type: ignore[method-assign]
+            raise StoreFull("the block's own error")
+        s.db.tx = real_tx  # type: ignore[method-assign]
+        assert s.usage().pinned_images == 1  # left behind, remembered
+        with s.pin([d]):
+            pass
+        assert s.usage().pinned_images == 0
+
+        # any other database error on unpinning is not hidden
+        with pytest.raises(sqlite3.OperationalError, match="locked"), s.pin([d]):
+
+            @contextlib.contextmanager
+            def locked_tx() -> Iterator[sqlite3.Cursor]:
+                raise sqlite3.OperationalError("database is locked")
+                yield  # pragma: no cover
+
+            s.db.tx = locked_tx  # type: ignore[method-assign]
+        s.db.tx = real_tx  # type: ignore[method-assign]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import importlib
+import logging
 import os
 import secrets
 import sqlite3
@@ -47,6 +48,8 @@ from .errors import DigestMismatch, ImageRejected, StoreError, StoreFull
 from .gcplan import plan_gc
 from .reports import FsckReport, GcReport, RecoveryReport, StoreUsage, human_bytes
 from .writer import NO_SPACE_ERRNOS, ObjectWriter
+
+log = logging.getLogger(__name__)
 
 Kind = Literal["object", "image"]
 Fill = Callable[[ObjectWriter], None]
@@ -144,6 +147,9 @@ class Store:
         self._flights_mu = threading.Lock()
         self._gc_mu = threading.Lock()
         self._gc_floor = -1  # store bytes after the last capacity GC
+        #: Pins whose removal failed on a full disk: removed with the next pin or GC.
+        self._stale_pins: list[str] = []
+        self._stale_mu = threading.Lock()
         self._group: GroupCommit[_Pending] = GroupCommit(self._commit_group)
         (self.root / QUARANTINE_DIR).mkdir(mode=0o700, exist_ok=True)
         self.repo.tmp.ensure_dirs()
@@ -609,14 +615,39 @@ class Store:
         token = secrets.token_hex(8)
         pid = os.getpid()
         with self._lock(exclusive=False), self.db.tx() as cur:
+            stale = self._drop_stale_pins(cur)
             cur.executemany(
                 "INSERT OR IGNORE INTO pins VALUES (?, ?, ?)", ((token, pid, i) for i in imgs)
             )
+        self._forget_stale_pins(stale)
         try:
             yield
         finally:
-            with self.db.tx() as cur:
-                cur.execute("DELETE FROM pins WHERE token = ?", (token,))
+            try:
+                with self.db.tx() as cur:
+                    cur.execute("DELETE FROM pins WHERE token = ?", (token,))
+            except sqlite3.OperationalError as e:
+                # The disk is full (SQLite needs room even to delete): the block's own error,
+                # most likely "no space" too, must not be replaced by this one. The pin stays
+                # until the next pin or GC of this process removes it.
+                if not is_no_space(e):
+                    raise
+                log.warning("store %s: full; unpinning %d images later", self.root, len(imgs))
+                with self._stale_mu:
+                    self._stale_pins.append(token)
+
+    def _drop_stale_pins(self, cur: sqlite3.Cursor) -> list[str]:
+        """Delete the stale pins in transaction ``cur``; forget them once it committed."""
+        with self._stale_mu:
+            stale = list(self._stale_pins)
+        if stale:
+            cur.executemany("DELETE FROM pins WHERE token = ?", ((t,) for t in stale))
+        return stale
+
+    def _forget_stale_pins(self, done: list[str]) -> None:
+        if done:
+            with self._stale_mu:
+                self._stale_pins = [t for t in self._stale_pins if t not in done]
 
     def touch(self, image: bytes) -> None:
         """Mark ``image`` as used now (LRU order of GC)."""
@@ -693,9 +724,11 @@ class Store:
     def _live_pins(self) -> set[bytes]:
         rows = self.db.query("SELECT DISTINCT pid FROM pins")
         dead = [int(r[0]) for r in rows if not pid_alive(int(r[0]))]
-        if dead:
+        if dead or self._stale_pins:
             with self.db.tx() as cur:
                 cur.executemany("DELETE FROM pins WHERE pid = ?", ((p,) for p in dead))
+                stale = self._drop_stale_pins(cur)
+            self._forget_stale_pins(stale)
         return {bytes(r[0]) for r in self.db.query("SELECT image FROM pins")}
 
     # -- fsck and recovery -----------------------------------------------------------------
