@@ -164,3 +164,94 @@ def test_error_answers_are_classified_by_status(
             src.close()
     if status >= 400:
         assert pieces == []
+
+
+# -- several requests at once (HttpSource.get_many, used by bulk worker processes) ------------
+
+
+def objects_of(world: World) -> list[tuple[str, bytes]]:
+    out = []
+    for body in world.files["app:v1"].values():
+        h = digest_bytes(body).hex()
+        out.append((f"objects/{h[:2]}/{h[2:]}", body))
+    return out
+
+
+def run_many(
+    src: HttpSource, jobs: list[str], parallel: int, fail_begin: str | None = None
+) -> tuple[dict[str, object], dict[str, bytearray]]:
+    bodies: dict[str, bytearray] = {}
+
+    def begin(rel: str) -> fetch_http.Request:
+        if rel == fail_begin:
+            raise OSError(28, "No space left on device")
+        buf = bodies[rel] = bytearray()
+        return fetch_http.Request(rel, buf.extend)
+
+    outcomes = dict(src.get_many(jobs, begin, parallel=parallel))
+    return outcomes, bodies
+
+
+def test_get_many_returns_every_body(world: World) -> None:
+    objs = objects_of(world)
+    src = source(world.url())
+    try:
+        for parallel in (1, 3, 16):
+            outcomes, bodies = run_many(src, [rel for rel, _ in objs], parallel)
+            assert set(outcomes) == {rel for rel, _ in objs}
+            for rel, body in objs:
+                resp = outcomes[rel]
+                assert isinstance(resp, fetch_http.Response) and resp.size == len(body)
+                assert bytes(bodies[rel]) == body
+    finally:
+        src.close()
+
+
+def test_get_many_failures_stay_with_their_request(world: World) -> None:
+    # One request answered 404, one cut mid-body, one stalled past the read timeout, one whose
+    # begin() fails: each gets its own error, the others their bodies.
+    objs = sorted(objects_of(world), key=lambda o: -len(o[1]))
+    (big_rel, big_body), (cut_rel, cut_body), (stall_rel, _), (nospace_rel, _) = objs[:4]
+    missing = "objects/00/" + "0" * 62
+    with FaultProxy(world.port).running() as proxy:
+        proxy.add(Fault("drop", match=cut_rel, after=len(cut_body) // 2))
+        proxy.add(Fault("stall", match=stall_rel, after=10, seconds=30))
+        src = source(f"http://127.0.0.1:{proxy.port}/", read=1)
+        try:
+            jobs = [rel for rel, _ in objs] + [missing]
+            outcomes, bodies = run_many(src, jobs, 4, fail_begin=nospace_rel)
+        finally:
+            src.close()
+    assert isinstance(outcomes[missing], SourceNotFound)
+    assert isinstance(outcomes[cut_rel], SourceTransient)
+    assert bytes(bodies[cut_rel]) == cut_body[: len(bodies[cut_rel])] != cut_body
+    assert isinstance(outcomes[stall_rel], SourceTimeout)
+    assert isinstance(outcomes[nospace_rel], OSError) and nospace_rel not in bodies
+    assert bytes(bodies[big_rel]) == big_body
+    for rel, body in objs[4:]:
+        assert isinstance(outcomes[rel], fetch_http.Response)
+        assert bytes(bodies[rel]) == body
+
+
+def test_get_many_stopped_early_leaves_the_source_usable(world: World) -> None:
+    objs = objects_of(world)
+    src = source(world.url())
+    try:
+        bodies: dict[str, bytearray] = {}
+
+        def begin(rel: str) -> fetch_http.Request:
+            buf = bodies[rel] = bytearray()
+            return fetch_http.Request(rel, buf.extend)
+
+        gen = src.get_many([rel for rel, _ in objs], begin, parallel=4)
+        next(gen)
+        gen.close()  # requests still running are dropped
+        outcomes, again = run_many(src, [rel for rel, _ in objs], 4)
+        assert all(isinstance(o, fetch_http.Response) for o in outcomes.values())
+        assert {rel: bytes(b) for rel, b in again.items()} == dict(objs)
+        rel, body = objs[0]
+        got: list[bytes] = []
+        src.get(rel, got.append)
+        assert b"".join(got) == body
+    finally:
+        src.close()

@@ -15,7 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from csi.fetch import NoSpace, NotFound, RepositoryClient, RepositoryConfig, RetryPolicy
+from csi.fetch import (
+    NoSpace,
+    NotFound,
+    RepositoryClient,
+    RepositoryConfig,
+    RetryPolicy,
+    Unreachable,
+)
 from csi.image.fsverity import digest_bytes
 from csi.metrics import REGISTRY
 from csi.repo.tmpfiles import WORKER_TEMP_SUFFIX
@@ -142,6 +149,27 @@ def test_bulk_not_found_keeps_its_class_and_subject(
     assert e.value.subject == f"object {digest_bytes(world.files['app:v1']['big']).hex()}"
     assert "bulk-c" in str(e.value) and "404" in str(e.value)
     store_is_verified(store.root)  # the other objects are stored, verified
+    assert worker_temps(store.root) == []
+
+
+def test_bulk_first_attempt_counts_toward_max_attempts(
+    world: World, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    # The first attempt runs in a worker's batch of requests; the retries after it are the
+    # client's loop, which counts that first attempt: 3 attempts in all, 3 requests.
+    big = object_path(world, "big")
+    proxy.add(Fault("status", match=big, status=500, times=-1))
+    retries = metric("composefs_csi_fetch_retries_total", repository="bulk-g", reason="http_5xx")
+    store = Store(tmp_path / "s")
+    with (
+        bulk_client(f"http://127.0.0.1:{proxy.port}/", "bulk-g") as c,
+        pytest.raises(Unreachable) as e,
+    ):
+        c.fetch_image("app:v1", store)
+    assert proxy.requests[big] == 3
+    assert e.value.subject == f"object {digest_bytes(world.files['app:v1']['big']).hex()}"
+    after = metric("composefs_csi_fetch_retries_total", repository="bulk-g", reason="http_5xx")
+    assert after == retries + 2
     assert worker_temps(store.root) == []
 
 

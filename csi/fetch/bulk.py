@@ -29,6 +29,7 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prometheus_client import Counter
 
@@ -39,6 +40,12 @@ from csi.store import DigestMismatch, ObjectWriter, StoreFull
 from . import errors
 from . import metrics as m
 from .config import RepositoryConfig
+from .errors import SourceError
+from .http import HttpSource, Request
+from .sources import Response
+
+if TYPE_CHECKING:
+    from .client import RepositoryClient
 
 log = logging.getLogger(__name__)
 
@@ -87,14 +94,66 @@ class Failed:
 ChunkResult = tuple[list[Written | Failed], CounterDelta]
 
 
+class _TempObject:
+    """One object being written to a new temp file of the store's temp area, kept (unnamed)
+    for the parent once verified. (No lock descriptor: the name says whose file it is; see
+    tmpfiles.TempArea.clean.)
+
+    Buffered, not direct I/O: a direct write blocks the worker until the disk has the data,
+    and the padded last block costs a read-modify-write at truncation; buffered, the writes
+    return at once and the parent's group flush writes them back (docs/benchmarks.md).
+    """
+
+    __slots__ = ("digest", "fd", "got", "path", "writer")
+
+    def __init__(self, tmpdir: str, tag: int, digest: bytes) -> None:
+        self.digest = digest
+        self.got = 0  # bytes received (passed to write)
+        self.path = os.path.join(tmpdir, f"{tag}-{secrets.token_hex(8)}{WORKER_TEMP_SUFFIX}")
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            self.writer = ObjectWriter(TempFile(Path(self.path), self.fd, -1), digest)
+        except BaseException:
+            self.discard()
+            raise
+
+    def write(self, chunk: bytes) -> None:
+        self.writer.write(chunk)
+        self.got += len(chunk)
+
+    def keep(self, kind: str = "object") -> int:
+        """Write out, verify and close: the file then holds exactly the object. Its size."""
+        try:
+            self.writer.finish()
+            actual = self.writer.digest()
+        finally:
+            self.writer.close()
+        if actual != self.digest:
+            raise DigestMismatch(self.digest, actual, f"{kind} {self.digest.hex()}")
+        os.fchmod(self.fd, 0o644)
+        fd, self.fd = self.fd, -1
+        os.close(fd)
+        return self.writer.size
+
+    def discard(self) -> None:
+        """Close and remove the temp file (idempotent)."""
+        if getattr(self, "writer", None) is not None:
+            self.writer.close()
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+
+
 class _TempSink:
-    """What a worker's downloads write into: ``ensure`` as the store has it, but each object
-    goes to a new temp file of the store's temp area, kept (unnamed) for the parent."""
+    """What a worker's sequential downloads write into: ``ensure`` as the store has it, but
+    each object goes to a :class:`_TempObject`."""
 
     def __init__(self, tmpdir: str, tag: int) -> None:
         self.tmpdir = tmpdir
         self.tag = tag
-        self.written: list[tuple[bytes, str, int, bool]] = []
+        self.written: list[tuple[bytes, str, int]] = []
 
     def ensure(
         self,
@@ -104,43 +163,34 @@ class _TempSink:
         kind: str = "object",
         size_hint: int | None = None,
     ) -> bool:
-        path = os.path.join(self.tmpdir, f"{self.tag}-{secrets.token_hex(8)}{WORKER_TEMP_SUFFIX}")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        obj = _TempObject(self.tmpdir, self.tag, digest)
         try:
-            # (no lock descriptor: the name says whose file it is; see tmpfiles.TempArea.clean)
-            # Buffered, not direct I/O: a direct write blocks this worker until the disk has
-            # the data, and the padded last block costs a read-modify-write at truncation;
-            # buffered, the writes return at once and the parent's group flush writes them
-            # back (cold 1 GiB fetch 3.2-3.4 s against 3.75-3.8 s; docs/benchmarks.md).
-            writer = ObjectWriter(TempFile(Path(path), fd, -1), digest)
-            try:
-                fill(writer)
-                writer.finish()
-                actual = writer.digest()
-            finally:
-                writer.close()
-            if actual != digest:
-                raise DigestMismatch(digest, actual, f"{kind} {digest.hex()}")
-            os.fchmod(fd, 0o644)
-            self.written.append((digest, path, writer.size, writer.direct))
+            fill(obj.writer)
+            size = obj.keep(kind)
         except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+            obj.discard()
             raise
-        finally:
-            os.close(fd)
+        self.written.append((digest, obj.path, size))
         return True
 
 
 # -- worker process -----------------------------------------------------------------------------
 
 _client: object = None  # the worker's RepositoryClient (one per process; set by _init)
+_parallel = 1  # requests a worker runs at once (set by _init)
 
 
-def _init(config: RepositoryConfig, parent: int, log_level: int, log_format: str | None) -> None:
-    global _client
+def _init(
+    config: RepositoryConfig,
+    parent: int,
+    log_level: int,
+    log_format: str | None,
+    parallel: int = 1,
+) -> None:
+    global _client, _parallel
     from .client import RepositoryClient
 
+    _parallel = max(1, parallel)
     # Log as the parent does (level and line format; to the stderr we share with it).
     if log_format is not None:
         logging.basicConfig(level=log_level, format=log_format)
@@ -188,49 +238,133 @@ def _counters() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 def _fetch_chunk(tmpdir: str, tag: int, items: list[tuple[bytes, int | None]]) -> ChunkResult:
-    """Worker: fetch ``items`` (digest, size) into temp files under ``tmpdir``."""
+    """Worker: fetch ``items`` (digest, size) into temp files under ``tmpdir``.
+
+    From an HTTP(S) repository the first attempt at each object is one of up to ``_parallel``
+    requests run together (:meth:`HttpSource.get_many`): one sleep and wake-up for several
+    objects rather than one per object. An object whose first attempt fails goes on, after
+    the others, through :meth:`RepositoryClient._download` with that failure counted as its
+    first attempt: the same mirrors, retries, limits, checks and metrics as in-process.
+    """
     from .client import RepositoryClient
 
     client = _client
     assert isinstance(client, RepositoryClient), "bulk worker used before _init"
     before = _counters()
-    out: list[Written | Failed] = []
-    for digest, size in items:
-        h = digest.hex()
-        sink = _TempSink(tmpdir, tag)
-        subject = f"object {h}"
-        try:
-            _stored, got = client._download(
-                sink,
-                digest,
-                kind="object",
-                subject=subject,
-                relpath=f"objects/{h[:2]}/{h[2:]}",
-                size=size,
-                progress=None,
-            )
-        except errors.NoSpace as e:
-            out.append(Failed(digest, "no_space", str(e), subject, 0))
-            continue
-        except errors.FetchError as e:
-            out.append(Failed(digest, type(e).__name__, str(e), e.subject, 0))
-            continue
-        except StoreFull as e:
-            out.append(Failed(digest, "no_space", str(e), subject, 0))
-            continue
-        except OSError as e:
-            # Our side (the temp area), not the repository's: the parent retries in-process.
-            out.append(Failed(digest, "no_space", f"writing a temp file: {e}", subject, 0))
-            continue
-        d, path, n, direct = sink.written[-1]
-        out.append(Written(d, path, n, direct, got))
+    results: dict[bytes, Written | Failed] = {}
+    src = client.sources[0]
+    if isinstance(src, HttpSource) and len(items) > 1 and _parallel > 1:
+        again = _first_attempts(client, src, tmpdir, tag, items, results)
+    else:
+        again = [(d, size, None, 0) for d, size in items]
+    for digest, size, prior, got in again:
+        results[digest] = _fetch_one(client, tmpdir, tag, digest, size, prior, got)
     after = _counters()
     delta: CounterDelta = [
         (key, dict(labels), v - before.get((key, labels), 0.0))
         for (key, labels), v in after.items()
         if v != before.get((key, labels), 0.0)
     ]
-    return out, delta
+    return [results[d] for d, _ in items], delta
+
+
+_Again = tuple[bytes, int | None, SourceError | None, int]
+
+
+def _first_attempts(
+    client: RepositoryClient,
+    src: HttpSource,
+    tmpdir: str,
+    tag: int,
+    items: list[tuple[bytes, int | None]],
+    results: dict[bytes, Written | Failed],
+) -> list[_Again]:
+    """First attempts, run together; fills ``results`` and returns what to try again as
+    (digest, size, how its first attempt failed, bytes it received)."""
+    again: list[_Again] = []
+    started: dict[bytes, _TempObject] = {}
+
+    def begin(item: tuple[bytes, int | None]) -> Request:
+        digest, size = item
+        obj = started[digest] = _TempObject(tmpdir, tag, digest)
+        h = digest.hex()
+        return Request(f"objects/{h[:2]}/{h[2:]}", obj.write, size)
+
+    try:
+        for (digest, size), outcome in src.get_many(items, begin, parallel=_parallel):
+            subject = f"object {digest.hex()}"
+            obj = started.pop(digest, None)
+            if obj is None:  # begin() failed: no temp file; the outcome is its error
+                assert not isinstance(outcome, Response)
+                results[digest] = _no_space(digest, subject, outcome)
+                continue
+            if isinstance(outcome, Response):
+                try:
+                    n = obj.keep()
+                except DigestMismatch as e:
+                    obj.discard()
+                    again.append((digest, size, client._attempt_failed(e, obj.got), obj.got))
+                    continue
+                except Exception as e:
+                    obj.discard()
+                    results[digest] = _no_space(digest, subject, e)
+                    continue
+                client._attempt_ok(obj.got, stored=True)
+                results[digest] = Written(digest, obj.path, n, False, obj.got)
+                continue
+            obj.discard()
+            if isinstance(outcome, SourceError):
+                again.append((digest, size, client._attempt_failed(outcome, obj.got), obj.got))
+            else:
+                results[digest] = _no_space(digest, subject, outcome)
+    finally:
+        for obj in started.values():  # started, not ended (an unexpected error above)
+            obj.discard()
+    return again
+
+
+def _no_space(digest: bytes, subject: str, e: Exception) -> Failed:
+    """A failure on our side (the temp area, not the repository's): the parent fetches the
+    object again in-process, where a full store gets garbage-collected."""
+    if isinstance(e, StoreFull):
+        return Failed(digest, "no_space", str(e), subject, 0)
+    if isinstance(e, OSError):
+        return Failed(digest, "no_space", f"writing a temp file: {e}", subject, 0)
+    raise e
+
+
+def _fetch_one(
+    client: RepositoryClient,
+    tmpdir: str,
+    tag: int,
+    digest: bytes,
+    size: int | None,
+    prior: SourceError | None,
+    received: int,
+) -> Written | Failed:
+    """One object through the client's download loop (after ``prior``, if any)."""
+    h = digest.hex()
+    sink = _TempSink(tmpdir, tag)
+    subject = f"object {h}"
+    try:
+        _stored, got = client._download(
+            sink,
+            digest,
+            kind="object",
+            subject=subject,
+            relpath=f"objects/{h[:2]}/{h[2:]}",
+            size=size,
+            progress=None,
+            prior=prior,
+        )
+    except errors.NoSpace as e:
+        return Failed(digest, "no_space", str(e), subject, received)
+    except errors.FetchError as e:
+        return Failed(digest, type(e).__name__, str(e), e.subject, received)
+    except (StoreFull, OSError) as e:
+        return _no_space(digest, subject, e)
+    d, path, n = sink.written[-1]
+    return Written(d, path, n, False, received + got)
 
 
 # -- parent ---------------------------------------------------------------------------------------
@@ -249,6 +383,8 @@ class BulkPool:
     def __init__(self, config: RepositoryConfig, processes: int) -> None:
         self.config = config
         self.processes = processes
+        #: Requests each worker runs at once: together, the configured concurrency.
+        self.parallel = max(1, -(-config.concurrency // processes))
         self._lock = threading.Lock()
         self._pool: ProcessPoolExecutor | None = None
         self._warming = False
@@ -268,7 +404,7 @@ class BulkPool:
                     self.processes,
                     mp_context=ctx,
                     initializer=_init,
-                    initargs=(self.config, os.getpid(), *_log_setup()),
+                    initargs=(self.config, os.getpid(), *_log_setup(), self.parallel),
                 )
             return self._pool
 

@@ -60,9 +60,11 @@ T = TypeVar("T")
 #: Fetches needing at least this many new objects download them in worker processes
 #: (:mod:`csi.fetch.bulk`) when the repository has any.
 BULK_MIN_OBJECTS = 64
-#: Objects (and at most bytes) handed to a worker process at a time.
-_BULK_CHUNK = 32
-_BULK_CHUNK_BYTES = 16 << 20
+#: Objects (and at most bytes) handed to a worker process at a time: at most this many, and
+#: few enough that every worker gets two chunks of a smaller fetch (at least _BULK_CHUNK_MIN).
+_BULK_CHUNK = 64
+_BULK_CHUNK_MIN = 8
+_BULK_CHUNK_BYTES = 32 << 20
 
 
 class ObjectSink(Protocol):
@@ -213,8 +215,23 @@ class RepositoryClient:
         delay = min(p.max_backoff, p.base_backoff * (2**attempt))
         return float(delay - delay * p.jitter * self._rng())
 
-    def _attempts(self, subject: str, attempt: Callable[[Source], T]) -> T:
-        """Run ``attempt`` against mirrors with retries until one succeeds (see module doc)."""
+    def _attempts(
+        self, subject: str, attempt: Callable[[Source], T], prior: SourceError | None = None
+    ) -> T:
+        """Run ``attempt`` against mirrors with retries until one succeeds (see module doc).
+
+        ``prior``: how a first attempt against the first mirror, already made elsewhere (a
+        bulk worker's batch of requests), failed; it counts as that attempt.
+        """
+        if prior is not None:
+            run = attempt
+            first: list[SourceError] = [prior]
+
+            def attempt(src: Source) -> T:
+                if first:
+                    raise first.pop()
+                return run(src)
+
         policy = self.config.retries
         dropped: set[int] = set()
         last: dict[int, SourceError] = {}
@@ -273,8 +290,11 @@ class RepositoryClient:
         size: int | None,
         progress: FetchProgress | None,
         follow_image_link: bool = False,
+        prior: SourceError | None = None,
     ) -> tuple[bool, int]:
-        """Fetch one object or image into ``store``. Returns (stored by us, bytes received)."""
+        """Fetch one object or image into ``store``. Returns (stored by us, bytes received
+        by these attempts). ``prior``: see :meth:`_attempts` (its bytes are counted by whoever
+        made it)."""
         received = 0
         max_size = (
             size if size is not None else (self.config.max_image_size if kind == "image" else None)
@@ -311,15 +331,10 @@ class RepositoryClient:
                 stored = store.ensure(digest, fill, kind=kind, size_hint=size)
             except DigestMismatch as e:
                 received += got
-                m.BYTES.labels(self.name, "corrupt").inc(got)
-                m.DIGEST_MISMATCHES.labels(self.name).inc()
-                raise SourceCorrupt(
-                    f"digest mismatch: received {got} bytes hashing to {e.actual.hex()}"
-                ) from None
-            except SourceError:
+                raise self._attempt_failed(e, got) from None
+            except SourceError as e:
                 received += got
-                m.BYTES.labels(self.name, "error").inc(got)
-                raise
+                raise self._attempt_failed(e, got) from None
             except ImageRejected as e:
                 received += got
                 m.BYTES.labels(self.name, "corrupt").inc(got)
@@ -327,17 +342,36 @@ class RepositoryClient:
             except StoreFull as e:
                 raise NoSpace(str(e), repository=self.name, subject=subject) from None
             received += got
-            self._bytes_ok.inc(got)
+            self._attempt_ok(got, stored=False)
             return stored
 
         try:
-            stored = self._attempts(subject, attempt)
+            stored = self._attempts(subject, attempt, prior)
         except FetchError as e:
             m.OBJECTS.labels(self.name, _result_label(e)).inc()
             raise
         if stored:
             self._objects_ok.inc()
         return stored, received
+
+    def _attempt_ok(self, got: int, *, stored: bool) -> None:
+        """Count an attempt that received ``got`` bytes of a verified object (and, with
+        ``stored``, the object as fetched: otherwise the caller counts it)."""
+        self._bytes_ok.inc(got)
+        if stored:
+            self._objects_ok.inc()
+
+    def _attempt_failed(self, error: DigestMismatch | SourceError, got: int) -> SourceError:
+        """Count a failed attempt (its ``got`` bytes, a digest mismatch); the error that the
+        retry loop then handles."""
+        if isinstance(error, DigestMismatch):
+            m.BYTES.labels(self.name, "corrupt").inc(got)
+            m.DIGEST_MISMATCHES.labels(self.name).inc()
+            return SourceCorrupt(
+                f"digest mismatch: received {got} bytes hashing to {error.actual.hex()}"
+            )
+        m.BYTES.labels(self.name, "error").inc(got)
+        return error
 
     def _object_task(self, store: Store, digest: bytes, task: _Task) -> tuple[bool, int]:
         h = digest.hex()
@@ -385,12 +419,16 @@ class RepositoryClient:
 
     def _start_bulk(self, store: Store, new: list[tuple[bytes, _Task]]) -> None:
         """Hand ``new`` tasks to the worker processes, a chunk per job of the thread pool."""
+        assert self._bulk is not None
+        per_chunk = max(
+            _BULK_CHUNK_MIN, min(_BULK_CHUNK, -(-len(new) // (2 * self._bulk.processes)))
+        )
         chunk: list[tuple[bytes, _Task]] = []
         size = 0
         for d, task in new:
             chunk.append((d, task))
             size += task.size or 0
-            if len(chunk) >= _BULK_CHUNK or size >= _BULK_CHUNK_BYTES:
+            if len(chunk) >= per_chunk or size >= _BULK_CHUNK_BYTES:
                 self._submit_bulk(store, chunk)
                 chunk, size = [], 0
         if chunk:

@@ -18,6 +18,9 @@ import os
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import TypeVar
 
 import pycurl
 
@@ -138,6 +141,20 @@ class _Transfer:
         return data
 
 
+#: Longest wait for any of several requests (the read timeout is checked at least this often).
+_SELECT_WAIT = 1.0
+J = TypeVar("J")
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One request of :meth:`HttpSource.get_many`."""
+
+    relpath: str
+    on_data: OnData
+    max_size: int | None = None
+
+
 class HttpSource(Source):
     """One ``http(s)://`` mirror."""
 
@@ -173,10 +190,7 @@ class HttpSource(Source):
             self._auth_cache = (now, creds)
             return creds
 
-    def _handle(self) -> pycurl.Curl:
-        c: pycurl.Curl | None = getattr(self._local, "curl", None)
-        if c is not None:
-            return c
+    def _new_handle(self) -> pycurl.Curl:
         c = pycurl.Curl()
         t = self.config.timeouts
         c.setopt(pycurl.NOSIGNAL, 1)
@@ -198,18 +212,23 @@ class HttpSource(Source):
             c.setopt(pycurl.SSLCERT, str(self.config.client_cert))
             if self.config.client_key is not None:
                 c.setopt(pycurl.SSLKEY, str(self.config.client_key))
-        self._local.curl = c
         return c
 
-    def get(
+    def _handle(self) -> pycurl.Curl:
+        c: pycurl.Curl | None = getattr(self._local, "curl", None)
+        if c is None:
+            c = self._local.curl = self._new_handle()
+        return c
+
+    def _begin(
         self,
+        c: pycurl.Curl,
         relpath: str,
         on_data: OnData,
-        *,
-        accept_symlink: bool = False,
-        max_size: int | None = None,
-    ) -> Response:
-        c = self._handle()
+        accept_symlink: bool,
+        max_size: int | None,
+    ) -> _Transfer:
+        """Set ``c`` up for one request; the returned transfer receives its callbacks."""
         creds = self._credentials()
         if creds and creds[0] == "bearer":
             c.setopt(pycurl.HTTPAUTH, _HTTPAUTH_BEARER)
@@ -222,31 +241,25 @@ class HttpSource(Source):
         c.setopt(pycurl.URL, self.base + urllib.parse.quote(relpath, safe="/:@+=-._~"))
         c.setopt(pycurl.WRITEFUNCTION, tr.write)
         c.setopt(pycurl.XFERINFOFUNCTION, tr.progress)
-        try:
+        return tr
+
+    @staticmethod
+    def _end(c: pycurl.Curl, tr: _Transfer, code: int, msg: str) -> Response:
+        """The outcome of a transfer libcurl ended with ``code`` (0: no error): its response,
+        or the error to raise. What arrived of a failed transfer is passed on first (the caller
+        counts it); an error of the caller's ``on_data`` wins over any other."""
+        _reset(c)
+        if not tr.sink_failed and not tr.hold:
             try:
-                c.perform()
-            finally:
-                if not tr.sink_failed and not tr.hold:
-                    # Also after a failed transfer: what arrived is passed on as it was
-                    # received (the caller counts it); an error of on_data wins.
-                    try:
-                        tr.flush()
-                    except BaseException as e:
-                        tr.abort = e
-            if tr.abort is not None:
-                raise tr.abort
-        except pycurl.error as e:
-            if tr.abort is not None:
-                raise tr.abort from None
-            code = int(e.args[0]) if e.args else -1
-            if code == _HTTP_RETURNED_ERROR:
-                raise _status_error(c) from None
-            msg = str(e.args[1]) if len(e.args) > 1 else ""
-            raise _curl_error(code, msg) from None
-        finally:
-            # Drop references to this transfer (and anything its callbacks hold).
-            c.setopt(pycurl.WRITEFUNCTION, _noop_write)
-            c.setopt(pycurl.XFERINFOFUNCTION, _noop_progress)
+                tr.flush()
+            except BaseException as e:
+                tr.abort = e
+        if tr.abort is not None:
+            raise tr.abort
+        if code == _HTTP_RETURNED_ERROR:
+            raise _status_error(c)
+        if code:
+            raise _curl_error(code, msg)
         if int(c.getinfo(pycurl.RESPONSE_CODE)) != 200:
             # A status FAILONERROR lets through (below 400, or an auth answer): whatever was
             # passed on is then rejected by the caller along with this error.
@@ -259,17 +272,110 @@ class HttpSource(Source):
                 raise SourceBadResponse(f"symlink target longer than {SYMLINK_MAX} bytes")
             return Response(len(data), data.decode("utf-8", "replace"))  # "" is rejected later
         if data:
-            on_data(data)
+            tr.on_data(data)
         return Response(tr.size)
+
+    def get(
+        self,
+        relpath: str,
+        on_data: OnData,
+        *,
+        accept_symlink: bool = False,
+        max_size: int | None = None,
+    ) -> Response:
+        c = self._handle()
+        tr = self._begin(c, relpath, on_data, accept_symlink, max_size)
+        code, msg = 0, ""
+        try:
+            c.perform()
+        except pycurl.error as e:
+            code = int(e.args[0]) if e.args else -1
+            msg = str(e.args[1]) if len(e.args) > 1 else ""
+        except BaseException:
+            _reset(c)
+            raise
+        return self._end(c, tr, code, msg)
+
+    def get_many(
+        self, jobs: Iterable[J], begin: Callable[[J], Request], *, parallel: int
+    ) -> Iterator[tuple[J, Response | Exception]]:
+        """Run up to ``parallel`` requests at a time over one libcurl multi handle, each as
+        :meth:`get` would (same options, checks and errors), and yield every job with its
+        response or error as it ends. ``begin(job)`` is called when the job's request is about
+        to start and gives its path, ``on_data`` and size limit; an exception it raises is
+        that job's outcome. In one thread per source at a time.
+
+        The requests share one wait: a process fetching many objects sleeps and wakes once
+        for several of them, not once per object.
+        """
+        multi = pycurl.CurlMulti()
+        idle: list[pycurl.Curl] = list(getattr(self._local, "many", ()))
+        active: dict[pycurl.Curl, tuple[J, _Transfer]] = {}
+        it = iter(jobs)
+        more = True
+        try:
+            while more or active:
+                while more and len(active) < parallel:
+                    try:
+                        job = next(it)
+                    except StopIteration:
+                        more = False
+                        break
+                    try:
+                        req = begin(job)
+                    except Exception as e:
+                        yield job, e
+                        continue
+                    c = idle.pop() if idle else self._new_handle()
+                    tr = self._begin(c, req.relpath, req.on_data, False, req.max_size)
+                    multi.add_handle(c)
+                    active[c] = (job, tr)
+                while multi.perform()[0] == pycurl.E_CALL_MULTI_PERFORM:
+                    pass
+                ended: list[tuple[pycurl.Curl, int, str]] = []
+                while True:
+                    queued, ok, failed = multi.info_read()
+                    ended.extend((c, 0, "") for c in ok)
+                    ended.extend((c, int(code), str(msg)) for c, code, msg in failed)
+                    if not queued:
+                        break
+                for c, code, msg in ended:
+                    multi.remove_handle(c)
+                    job, tr = active.pop(c)
+                    idle.append(c)
+                    try:
+                        outcome: Response | Exception = self._end(c, tr, code, msg)
+                    except Exception as e:
+                        outcome = e
+                    yield job, outcome
+                if active and not ended:
+                    wait_ms = multi.timeout()  # libcurl's next timer (-1: none)
+                    multi.select(_SELECT_WAIT if wait_ms < 0 else min(wait_ms / 1000, _SELECT_WAIT))
+        finally:
+            for c in active:
+                multi.remove_handle(c)
+                _reset(c)
+                idle.append(c)
+            multi.close()
+            self._local.many = idle  # kept: their connections are reused by the next call
 
     def _drop_handle(self) -> None:
         c = getattr(self._local, "curl", None)
         if c is not None:
             self._local.curl = None
             c.close()
+        for c in getattr(self._local, "many", ()):
+            c.close()
+        self._local.many = []
 
     def close(self) -> None:
         self._drop_handle()
+
+
+def _reset(c: pycurl.Curl) -> None:
+    """Drop the handle's references to its last transfer (and what its callbacks hold)."""
+    c.setopt(pycurl.WRITEFUNCTION, _noop_write)
+    c.setopt(pycurl.XFERINFOFUNCTION, _noop_progress)
 
 
 def _noop_write(_data: bytes) -> int | None:
