@@ -370,16 +370,15 @@ class Store:
         for d in wanted:
             layout.check_digest(d)
         mine: dict[bytes, _Flight] = {}
-        for d in wanted:
-            if self.repo.has_object(d):
-                continue
-            with self._flights_mu:
-                if d in self._flights:
-                    continue
-                mine[d] = self._flights[d] = _Flight()
+        with self._flights_mu:
+            for d in wanted:
+                if d not in self._flights:
+                    mine[d] = self._flights[d] = _Flight()
         fd = -1
         try:
             fd, locked = self.repo.tmp.key_locks.try_hold_many(list(mine))
+            # Present objects are left out here, once locked (the caller usually asks for
+            # objects it has just found missing, so looking before would mostly look twice).
             held = {d for d in locked if not self.repo.has_object(d)}
             yield held
         finally:
@@ -412,10 +411,9 @@ class Store:
                     os.unlink(path)
                 out[i] = e
                 continue
+            # (an object already present is found at publish(), which then discards the file;
+            # under the caller's claim nobody else writes it meanwhile)
             tmp = TempFile(Path(path), -1, lock_fd)
-            if self.repo.has_object(digest):
-                tmp.discard()
-                continue
             verity = self._try_verity(lock_fd)
             todo.append((i, _Pending(digest, tmp, "object", size, verity, None, direct)))
         errors = self._group.submit_all([p for _, p in todo])
