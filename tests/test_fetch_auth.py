@@ -130,3 +130,38 @@ def test_https_with_bearer_never_downgrades(world: World, tmp_path: Path) -> Non
     import pycurl
 
     assert src._protocols == pycurl.PROTO_HTTPS
+
+
+def test_credentials_and_tls_in_worker_processes(world: World, tmp_path: Path) -> None:
+    # Bulk fetches run in worker processes and batch their requests (HttpSource.get_many):
+    # the same credentials, CA bundle and client certificate apply there.
+    from csi.fetch import RepositoryClient
+
+    def bulk_fetch(url: str, store_dir: Path, **kw: object) -> None:
+        cfg = RepositoryConfig(
+            name="private-bulk",
+            urls=(url,),
+            allow_plain_http=True,
+            concurrency=4,
+            processes=2,
+            **kw,  # type: ignore[arg-type]
+        )
+        store = Store(store_dir)
+        with RepositoryClient(cfg) as c:
+            c.bulk_min_objects = 1
+            res = c.fetch_image("app:v1", store)
+        assert store.missing_objects(res.image) == set()
+        store_is_verified(store.root)
+
+    tok = BearerAuth(secret_file(tmp_path, "tok", BEARER_TOKEN))
+    bulk_fetch(world.url("bearer/"), tmp_path / "1", auth=tok)
+    bad = BearerAuth(secret_file(tmp_path, "bad", "wrong-token-123"))
+    with pytest.raises(AccessDenied):
+        bulk_fetch(world.url("bearer/"), tmp_path / "2", auth=bad)
+    bulk_fetch(
+        f"https://127.0.0.1:{world.tls_port}/mtls/",
+        tmp_path / "3",
+        ca_bundle=world.tls.ca_cert,
+        client_cert=world.tls.client_cert,
+        client_key=world.tls.client_key,
+    )
