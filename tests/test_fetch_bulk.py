@@ -341,3 +341,31 @@ def test_fetch_of_a_large_new_image_warms_the_workers(world: World, tmp_path: Pa
         c.fetch_image("app:v1", store)
     assert calls[0] == "warm" and "fetch" in calls
     assert store.missing_objects(world.images["app:v1"]) == set()
+
+
+def test_a_killed_worker_is_replaced(
+    world: World, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker that dies (OOM kill, say) breaks its pool; the chunks it had are fetched
+    in-process and later fetches start new workers instead of staying in-process for good."""
+    caplog.set_level(logging.WARNING, logger="csi.fetch.client")
+    with bulk_client(f"http://127.0.0.1:{world.port}/", "bulk-h") as c:
+        assert c._bulk is not None
+        c.fetch_image("app:v1", Store(tmp_path / "s1"))
+        pool = c._bulk._pool
+        assert pool is not None
+        victim = next(iter(pool._processes))
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{victim}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        store2 = Store(tmp_path / "s2")
+        c.fetch_image("app:v1", store2)  # may meet the broken pool: in-process then
+        assert store2.missing_objects(world.images["app:v1"]) == set()
+        caplog.clear()
+        store3 = Store(tmp_path / "s3")
+        c.fetch_image("app:v1", store3)
+        assert "worker process failed" not in caplog.text
+        assert c._bulk._pool is not None and c._bulk._pool is not pool
+        assert store3.missing_objects(world.images["app:v1"]) == set()
+        assert worker_temps(store2.root) == worker_temps(store3.root) == []

@@ -27,6 +27,7 @@ import select
 import threading
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -67,7 +68,6 @@ class Written(NamedTuple):
     digest: bytes
     path: str
     size: int
-    direct: bool
     received: int
 
 
@@ -310,7 +310,7 @@ def _first_attempts(
                     results[digest] = _no_space(digest, subject, e)
                     continue
                 client._attempt_ok(obj.got, stored=True)
-                results[digest] = Written(digest, obj.path, n, False, obj.got)
+                results[digest] = Written(digest, obj.path, n, obj.got)
                 continue
             obj.discard()
             if isinstance(outcome, SourceError):
@@ -364,7 +364,7 @@ def _fetch_one(
     except (StoreFull, OSError) as e:
         return _no_space(digest, subject, e)
     d, path, n = sink.written[-1]
-    return Written(d, path, n, False, received + got)
+    return Written(d, path, n, received + got)
 
 
 # -- parent ---------------------------------------------------------------------------------------
@@ -427,10 +427,21 @@ class BulkPool:
             log.debug("starting fetch worker processes ahead of use: %s", e)
 
     def fetch(self, tmpdir: Path, items: list[tuple[bytes, int | None]]) -> ChunkResult:
-        """Fetch ``items`` in a worker (blocks until done); apply its counters here."""
-        results, delta = (
-            self._executor().submit(_fetch_chunk, str(tmpdir), os.getpid(), items).result()
-        )
+        """Fetch ``items`` in a worker (blocks until done); apply its counters here.
+
+        A worker that dies (killed, out of memory) breaks its pool: this call raises, and
+        the next one starts new workers.
+        """
+        pool = self._executor()
+        try:
+            results, delta = pool.submit(_fetch_chunk, str(tmpdir), os.getpid(), items).result()
+        except BrokenProcessPool:
+            with self._lock:
+                if self._pool is pool:
+                    self._pool = None
+                    self._warming = False
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
         for key, labels, v in delta:
             _CARRIED[key].labels(**labels).inc(v)
         return results, delta

@@ -492,7 +492,7 @@ class RepositoryClient:
         written = [r for r in results if isinstance(r, bulk.Written)]
         try:
             outcomes: list[bool | BaseException] = list(
-                store.adopt([(w.digest, w.path, w.size, w.direct) for w in written])
+                store.adopt([(w.digest, w.path, w.size, False) for w in written])  # buffered
             )
         except BaseException as e:
             outcomes = [e] * len(written)
