@@ -369,3 +369,19 @@ def test_a_killed_worker_is_replaced(
         assert c._bulk._pool is not None and c._bulk._pool is not pool
         assert store3.missing_objects(world.images["app:v1"]) == set()
         assert worker_temps(store2.root) == worker_temps(store3.root) == []
+
+
+def test_objects_are_reported_done_as_they_end(world: World, tmp_path: Path) -> None:
+    """Objects count as done chunk by chunk, while later ones are still downloading (not all
+    at the end), so progress bars and the per-fetch counters move during a bulk fetch."""
+    from csi.fetch.progress import FetchProgress, ProgressSnapshot
+
+    snaps: list[ProgressSnapshot] = []
+    prog = FetchProgress(snaps.append)
+    with bulk_client(f"http://127.0.0.1:{world.port}/", "bulk-p") as c:
+        res = c.fetch_image("app:v1", Store(tmp_path / "s"), prog)
+    final = snaps[-1]
+    assert final.objects_done == res.objects_total > 8
+    assert any(s.objects_done > 0 and s.bytes_downloaded < final.bytes_downloaded for s in snaps)
+    done = [s.objects_done for s in snaps]
+    assert done == sorted(done)  # never goes back

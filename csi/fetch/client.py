@@ -18,7 +18,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -731,17 +731,26 @@ class RepositoryClient:
         else:
             for d, task in new:
                 self._start(store, d, task)
+        # Each task is counted (and reported to ``prog``) as it ends, by a callback in the
+        # thread that ends it; this thread waits for the last one, or for the first error.
+        mu = threading.Lock()
+        finished = threading.Event()
+        left = len(mine)
         fetched = shared = received = 0
-        pending = set(mine)
         error: BaseException | None = None
-        while pending:
-            done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-            for f in done:
-                d, task, created = mine[f]
-                exc = f.exception()
+        over = False  # set once this thread has taken the result: later callbacks do nothing
+
+        def ended(f: Future[tuple[bool, int]]) -> None:
+            nonlocal left, fetched, shared, received, error
+            d, _task, created = mine[f]
+            exc = f.exception()
+            with mu:
+                if over:
+                    return
                 if exc is not None:
                     error = error or exc
-                    continue
+                    finished.set()
+                    return
                 stored, got = f.result()
                 mine_now = created and stored
                 if mine_now:
@@ -750,14 +759,23 @@ class RepositoryClient:
                     shared += 1
                 if created:
                     received += got
-                prog.object_done(sizes.get(d, 0), fetched=mine_now)
-            if error is not None:
-                break
-        if error is not None:
+                left -= 1
+                if not left:
+                    finished.set()
+            prog.object_done(sizes.get(d, 0), fetched=mine_now)
+
+        for f in mine:
+            f.add_done_callback(ended)
+        finished.wait()
+        with mu:
+            over = True
+            failed = error
+        if failed is not None:
             with self._mu:
-                for f in pending:
-                    mine[f][1].interest -= 1
-            raise error
+                for f, (_, task, _) in mine.items():
+                    if not f.done():
+                        task.interest -= 1
+            raise failed
         return fetched, shared, received
 
 
