@@ -112,7 +112,7 @@ class _TempObject:
         self.path = os.path.join(tmpdir, f"{tag}-{secrets.token_hex(8)}{WORKER_TEMP_SUFFIX}")
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
-            self.writer = ObjectWriter(TempFile(Path(self.path), self.fd, -1), digest)
+            self.writer = ObjectWriter(TempFile(self.path, self.fd, -1), digest)
         except BaseException:
             self.discard()
             raise

@@ -192,6 +192,10 @@ class Repository:
     def object_path(self, digest: bytes) -> Path:
         return self.root / layout.object_relpath(digest)
 
+    def object_file(self, digest: bytes) -> str:
+        """:meth:`object_path` as a string (no ``Path`` built: for per-object hot paths)."""
+        return f"{self._root_str}/{layout.object_relpath(digest)}"
+
     def image_path(self, digest: bytes) -> Path:
         """``images/<64 hex>`` (a symlink into ``objects/``)."""
         return self.root / layout.IMAGES_DIR / layout.check_digest(digest).hex()
@@ -202,7 +206,7 @@ class Repository:
     def has_object(self, digest: bytes) -> bool:
         # A plain string path: this is asked for every object of every image fetched.
         try:
-            st = os.stat(f"{self._root_str}/{layout.object_relpath(digest)}")
+            st = os.stat(self.object_file(digest))
         except OSError as e:
             if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
                 return False  # as Path.is_file()

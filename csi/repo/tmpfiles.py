@@ -60,7 +60,7 @@ class TempFile:
 
     __slots__ = ("fd", "lock_fd", "path")
 
-    def __init__(self, path: Path, fd: int, lock_fd: int) -> None:
+    def __init__(self, path: str | os.PathLike[str], fd: int, lock_fd: int) -> None:
         self.path = path
         self.fd = fd
         self.lock_fd = lock_fd
@@ -70,7 +70,7 @@ class TempFile:
             os.close(self.fd)
             self.fd = -1
 
-    def publish(self, final: Path, *, replace: bool = False) -> bool:
+    def publish(self, final: str | os.PathLike[str], *, replace: bool = False) -> bool:
         """Rename into ``final``. Without ``replace``, an existing ``final`` wins: the temp
         file is discarded and False returned."""
         self.close_write()
@@ -82,7 +82,7 @@ class TempFile:
         except FileNotFoundError:
             if self.lock_fd < 0 or os.fstat(self.lock_fd).st_nlink == 0:
                 raise  # the temp file itself is gone
-            final.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+            Path(final).parent.mkdir(mode=0o755, parents=True, exist_ok=True)
             os.rename(self.path, final)
         self._release()
         return True

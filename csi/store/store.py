@@ -413,7 +413,7 @@ class Store:
                 continue
             # (an object already present is found at publish(), which then discards the file;
             # under the caller's claim nobody else writes it meanwhile)
-            tmp = TempFile(Path(path), -1, lock_fd)
+            tmp = TempFile(path, -1, lock_fd)
             verity = self._try_verity(lock_fd)
             todo.append((i, _Pending(digest, tmp, "object", size, verity, None, direct)))
         errors = self._group.submit_all([p for _, p in todo])
@@ -452,7 +452,7 @@ class Store:
                 for i in ok:
                     p = items[i]
                     try:
-                        p.published = p.tmp.publish(self.repo.object_path(p.digest))
+                        p.published = p.tmp.publish(self.repo.object_file(p.digest))
                     except Exception as e:
                         out[i] = e
                     else:
