@@ -105,7 +105,17 @@ class _Transfer:
             return 1
         return 0
 
+    def idle(self, now: float) -> bool:
+        """The read timeout of a transfer that has no progress callback (:meth:`HttpSource.
+        get_many` checks its transfers itself): no body byte for ``idle_limit`` seconds since
+        it started or since the last one."""
+        if now - self.last_data <= self.idle_limit:
+            return False
+        self.abort = SourceTimeout(f"timed out: no data for {self.idle_limit:g} s")
+        return True
+
     def write(self, data: bytes) -> int | None:
+        self.last_data = time.monotonic()
         try:
             self.size += len(data)
             if self.max_size is not None and self.size > self.max_size:
@@ -141,8 +151,8 @@ class _Transfer:
         return data
 
 
-#: Longest wait for any of several requests (the read timeout is checked at least this often).
-_SELECT_WAIT = 1.0
+#: Longest wait for any of several requests; their read timeouts are checked this often.
+_IDLE_CHECK = 0.25
 J = TypeVar("J")
 
 
@@ -190,7 +200,7 @@ class HttpSource(Source):
             self._auth_cache = (now, creds)
             return creds
 
-    def _new_handle(self) -> pycurl.Curl:
+    def _new_handle(self, *, progress: bool = True) -> pycurl.Curl:
         c = pycurl.Curl()
         t = self.config.timeouts
         c.setopt(pycurl.NOSIGNAL, 1)
@@ -204,7 +214,9 @@ class HttpSource(Source):
         c.setopt(pycurl.ACCEPT_ENCODING, "")  # any encoding libcurl can decode (zstd, gzip...)
         c.setopt(pycurl.CONNECTTIMEOUT_MS, max(1, int(t.connect * 1000)))
         c.setopt(pycurl.TIMEOUT_MS, max(1, int(t.total * 1000)))
-        c.setopt(pycurl.NOPROGRESS, 0)  # XFERINFOFUNCTION enforces the read timeout
+        # XFERINFOFUNCTION enforces the read timeout; get_many's handles have none (about
+        # eight calls into Python per object saved) and it checks their transfers itself.
+        c.setopt(pycurl.NOPROGRESS, 0 if progress else 1)
         c.setopt(pycurl.USERAGENT, "composefs-csi")
         if self._ca:
             c.setopt(pycurl.CAINFO, self._ca)
@@ -227,8 +239,11 @@ class HttpSource(Source):
         on_data: OnData,
         accept_symlink: bool,
         max_size: int | None,
+        progress: bool = True,
     ) -> _Transfer:
-        """Set ``c`` up for one request; the returned transfer receives its callbacks."""
+        """Set ``c`` up for one request; the returned transfer receives its callbacks. Without
+        ``progress`` (a handle made with ``progress=False``) the caller checks the read timeout
+        with :meth:`_Transfer.idle`."""
         creds = self._credentials()
         if creds and creds[0] == "bearer":
             c.setopt(pycurl.HTTPAUTH, _HTTPAUTH_BEARER)
@@ -240,7 +255,8 @@ class HttpSource(Source):
         tr = _Transfer(on_data, accept_symlink, max_size, self.config.timeouts.read)
         c.setopt(pycurl.URL, self.base + urllib.parse.quote(relpath, safe="/:@+=-._~"))
         c.setopt(pycurl.WRITEFUNCTION, tr.write)
-        c.setopt(pycurl.XFERINFOFUNCTION, tr.progress)
+        if progress:
+            c.setopt(pycurl.XFERINFOFUNCTION, tr.progress)
         return tr
 
     @staticmethod
@@ -313,6 +329,7 @@ class HttpSource(Source):
         active: dict[pycurl.Curl, tuple[J, _Transfer]] = {}
         it = iter(jobs)
         more = True
+        checked = time.monotonic()
         try:
             while more or active:
                 while more and len(active) < parallel:
@@ -326,8 +343,8 @@ class HttpSource(Source):
                     except Exception as e:
                         yield job, e
                         continue
-                    c = idle.pop() if idle else self._new_handle()
-                    tr = self._begin(c, req.relpath, req.on_data, False, req.max_size)
+                    c = idle.pop() if idle else self._new_handle(progress=False)
+                    tr = self._begin(c, req.relpath, req.on_data, False, req.max_size, False)
                     multi.add_handle(c)
                     active[c] = (job, tr)
                 while multi.perform()[0] == pycurl.E_CALL_MULTI_PERFORM:
@@ -339,6 +356,10 @@ class HttpSource(Source):
                     ended.extend((c, int(code), str(msg)) for c, code, msg in failed)
                     if not queued:
                         break
+                now = time.monotonic()
+                if now - checked >= _IDLE_CHECK:
+                    checked = now
+                    ended.extend((c, 0, "") for c, (_, tr) in active.items() if tr.idle(now))
                 for c, code, msg in ended:
                     multi.remove_handle(c)
                     job, tr = active.pop(c)
@@ -350,7 +371,7 @@ class HttpSource(Source):
                     yield job, outcome
                 if active and not ended:
                     wait_ms = multi.timeout()  # libcurl's next timer (-1: none)
-                    multi.select(_SELECT_WAIT if wait_ms < 0 else min(wait_ms / 1000, _SELECT_WAIT))
+                    multi.select(_IDLE_CHECK if wait_ms < 0 else min(wait_ms / 1000, _IDLE_CHECK))
         finally:
             for c in active:
                 multi.remove_handle(c)
