@@ -3,7 +3,7 @@ still passes on exactly what arrived when a transfer fails half-way."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -253,5 +253,34 @@ def test_get_many_stopped_early_leaves_the_source_usable(world: World) -> None:
         got: list[bytes] = []
         src.get(rel, got.append)
         assert b"".join(got) == body
+    finally:
+        src.close()
+
+
+def test_two_get_many_interleaved_in_one_thread(world: World) -> None:
+    # Each call has handles of its own, whatever order the two are advanced in.
+    objs = objects_of(world)
+    src = source(world.url())
+    try:
+        bodies: dict[tuple[int, str], bytearray] = {}
+
+        def begin_for(n: int) -> Callable[[str], fetch_http.Request]:
+            def begin(rel: str) -> fetch_http.Request:
+                buf = bodies[(n, rel)] = bytearray()
+                return fetch_http.Request(rel, buf.extend)
+
+            return begin
+
+        jobs = [rel for rel, _ in objs]
+        for _ in src.get_many(jobs, begin_for(0), parallel=3):  # leaves spare handles
+            pass
+        a = src.get_many(jobs, begin_for(1), parallel=3)
+        b = src.get_many(jobs, begin_for(2), parallel=3)
+        outcomes: list[object] = []
+        for x, y in zip(a, b, strict=True):
+            outcomes += [x[1], y[1]]
+        assert all(isinstance(o, fetch_http.Response) for o in outcomes)
+        for n in (1, 2):
+            assert {rel: bytes(bodies[(n, rel)]) for rel in jobs} == dict(objs)
     finally:
         src.close()

@@ -319,13 +319,17 @@ class HttpSource(Source):
         :meth:`get` would (same options, checks and errors), and yield every job with its
         response or error as it ends. ``begin(job)`` is called when the job's request is about
         to start and gives its path, ``on_data`` and size limit; an exception it raises is
-        that job's outcome. In one thread per source at a time.
+        that job's outcome. The handles (and their connections) are kept per thread.
 
         The requests share one wait: a process fetching many objects sleeps and wakes once
         for several of them, not once per object.
         """
+        parallel = max(1, parallel)
         multi = pycurl.CurlMulti()
-        idle: list[pycurl.Curl] = list(getattr(self._local, "many", ()))
+        # This call's handles are taken out of the thread's spares (a second get_many running
+        # in the same thread, interleaved with this one, gets others) and put back after.
+        idle: list[pycurl.Curl] = getattr(self._local, "many", [])
+        self._local.many = []
         active: dict[pycurl.Curl, tuple[J, _Transfer]] = {}
         it = iter(jobs)
         more = True
@@ -359,7 +363,12 @@ class HttpSource(Source):
                 now = time.monotonic()
                 if now - checked >= _IDLE_CHECK:
                     checked = now
-                    ended.extend((c, 0, "") for c, (_, tr) in active.items() if tr.idle(now))
+                    over = {e[0] for e in ended}
+                    ended.extend(
+                        (c, 0, "")
+                        for c, (_, tr) in active.items()
+                        if c not in over and tr.idle(now)
+                    )
                 for c, code, msg in ended:
                     multi.remove_handle(c)
                     job, tr = active.pop(c)
@@ -378,7 +387,7 @@ class HttpSource(Source):
                 _reset(c)
                 idle.append(c)
             multi.close()
-            self._local.many = idle  # kept: their connections are reused by the next call
+            self._local.many = [*self._local.many, *idle]  # kept: connections are reused
 
     def _drop_handle(self) -> None:
         c = getattr(self._local, "curl", None)
