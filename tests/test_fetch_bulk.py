@@ -10,7 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -72,18 +72,22 @@ def worker_temps(store: Path) -> list[Path]:
     return list((store / ".tmp").glob(f"*{WORKER_TEMP_SUFFIX}"))
 
 
-def _forkserver_processes() -> set[int]:
-    """Processes started by multiprocessing's forkserver (the server and its workers)."""
+def _processes(test: Callable[[Path], bool]) -> set[int]:
+    """Pids of the processes whose /proc directory passes ``test`` (gone ones skipped)."""
     out = set()
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             try:
-                cmd = (d / "cmdline").read_bytes()
+                if test(d):
+                    out.add(int(d.name))
             except OSError:
                 continue
-            if b"multiprocessing.forkserver" in cmd:
-                out.add(int(d.name))
     return out
+
+
+def _forkserver_processes() -> set[int]:
+    """Processes started by multiprocessing's forkserver (the server and its workers)."""
+    return _processes(lambda d: b"multiprocessing.forkserver" in (d / "cmdline").read_bytes())
 
 
 def object_path(world: World, name: str, ref: str = "app:v1") -> str:
@@ -270,16 +274,12 @@ def test_bulk_job_skips_objects_no_fetch_wants_any_more(tmp_path: Path) -> None:
 
 def _children(pids: set[int]) -> set[int]:
     """Processes whose parent is one of ``pids``."""
-    out = set()
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                stat = (d / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat[stat.rindex(")") + 2 :].split()[1]) in pids:
-                out.add(int(d.name))
-    return out
+
+    def parent_in(d: Path) -> bool:
+        stat = (d / "stat").read_text()
+        return int(stat[stat.rindex(")") + 2 :].split()[1]) in pids
+
+    return _processes(parent_in)
 
 
 def test_warm_starts_the_workers_before_any_fetch_and_close_ends_them(world: World) -> None:
