@@ -19,7 +19,7 @@ from csi.fetch.errors import (
 )
 from csi.fetch.http import HttpSource
 from csi.image.fsverity import digest_bytes
-from tests.fetchkit import Fault, FaultProxy, World, serve_world
+from tests.fetchkit import Fault, FaultProxy, World, object_rel, serve_world
 
 pytestmark = pytest.mark.skipif(
     __import__("shutil").which("nginx") is None and not Path("/usr/sbin/nginx").exists(),
@@ -170,11 +170,7 @@ def test_error_answers_are_classified_by_status(
 
 
 def objects_of(world: World) -> list[tuple[str, bytes]]:
-    out = []
-    for body in world.files["app:v1"].values():
-        h = digest_bytes(body).hex()
-        out.append((f"objects/{h[:2]}/{h[2:]}", body))
-    return out
+    return [(object_rel(digest_bytes(b)), b) for b in world.files["app:v1"].values()]
 
 
 def run_many(
