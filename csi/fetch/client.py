@@ -493,7 +493,7 @@ class RepositoryClient:
         written = [r for r in results if isinstance(r, bulk.Written)]
         try:
             outcomes: list[bool | BaseException] = list(
-                store.adopt([(w.digest, w.path, w.size, False) for w in written])  # buffered
+                store.adopt([(w.digest, w.path, w.size) for w in written])
             )
         except BaseException as e:
             outcomes = [e] * len(written)

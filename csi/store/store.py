@@ -391,18 +391,19 @@ class Store:
                 f.done.set()
 
     def adopt(
-        self, files: Sequence[tuple[bytes, str | os.PathLike[str], int, bool]]
+        self, files: Sequence[tuple[bytes, str | os.PathLike[str], int]]
     ) -> list[bool | BaseException]:
         """Take over object files written and verified by our own worker processes.
 
-        ``files``: (digest, temp file in this store's temp area, size, written with direct
-        I/O); the caller holds their :meth:`claim`. Each is made durable, named and recorded
-        as :meth:`ensure` would (one flush for all of them). Per file: True if named now,
-        False if the object was already there, or the error; a file not named is removed.
+        ``files``: (digest, temp file in this store's temp area, size), written through the
+        page cache (their writeback errors are checked); the caller holds their
+        :meth:`claim`. Each is made durable, named and recorded as :meth:`ensure` would (one
+        flush for all of them). Per file: True if named now, False if the object was already
+        there, or the error; a file not named is removed.
         """
         out: list[bool | BaseException] = [False] * len(files)
         todo: list[tuple[int, _Pending]] = []
-        for i, (digest, path, size, direct) in enumerate(files):
+        for i, (digest, path, size) in enumerate(files):
             try:
                 layout.check_digest(digest)
                 lock_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -415,7 +416,7 @@ class Store:
             # under the caller's claim nobody else writes it meanwhile)
             tmp = TempFile(path, -1, lock_fd)
             verity = self._try_verity(lock_fd)
-            todo.append((i, _Pending(digest, tmp, "object", size, verity, None, direct)))
+            todo.append((i, _Pending(digest, tmp, "object", size, verity, None)))
         errors = self._group.submit_all([p for _, p in todo])
         added = False
         for (i, p), err in zip(todo, errors, strict=True):
