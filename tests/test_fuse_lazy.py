@@ -40,6 +40,9 @@ class GatedRepo:
         self.root = root
         self.gates: dict[str, threading.Event] = {}
         self.missing: set[str] = set()
+        #: Paths answered with an endless body (no length: it ends when the client hangs up).
+        self.endless: set[str] = set()
+        self.endless_sent = 0
         self.requests: list[str] = []
         self._mu = threading.Lock()
         self.closing = threading.Event()
@@ -72,6 +75,18 @@ class GatedRepo:
                     gate = repo.gates.get(path)
                 if gate is not None:
                     gate.wait()
+                if path in repo.endless:
+                    self.send_response(200)
+                    self.send_header("Connection", "close")
+                    self.end_headers()
+                    block = b"x" * 65536
+                    with contextlib.suppress(OSError):  # at most 64 MiB, so old code fails
+                        while not repo.closing.is_set() and repo.endless_sent < 64 << 20:
+                            self.wfile.write(block)
+                            with repo._mu:
+                                repo.endless_sent += len(block)
+                    self.close_connection = True
+                    return
                 p = repo.root / path.lstrip("/")
                 if path in repo.missing or ".." in path or not p.is_file():
                     self.send_response(404)
@@ -199,6 +214,28 @@ def test_failed_lazy_fetch_is_eio_not_a_hang(world: tuple) -> None:  # type: ign
         while h not in d.log.read_text() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert h in d.log.read_text()
+
+
+def test_lazy_download_stops_at_the_size_the_image_records(world: tuple) -> None:  # type: ignore[type-arg]
+    """A server that never stops sending an object cannot fill the node's disk: the download
+    is cut off at the object's size, the read fails, nothing is stored for it."""
+    gated, url, store, digest, files = world
+    from csi.image.fsverity import digest_bytes
+
+    h = digest_bytes(files["f5"]).hex()
+    gated.endless.add(f"/objects/{h[:2]}/{h[2:]}")
+    repo = {"urls": [url], "allow_plain_http": True, "retries": {"max_attempts": 2}}
+    with run_daemon(store, repositories={"main": repo}) as d:
+        view = Path(d.client.add_view([digest], "pod-a", lazy=True)["path"])
+        with pytest.raises(OSError) as e:
+            (view / "f5").read_bytes()
+        assert e.value.errno == errno.EIO
+        assert (view / "f4").read_bytes() == files["f4"]
+    assert not (store / "objects" / h[:2] / h[2:]).exists()
+    # Two attempts of a 8887-byte object: a few socket buffers were sent, not gigabytes.
+    assert gated.endless_sent < 32 << 20, gated.endless_sent
+    leftovers = [p for p in (store / "tmp").rglob("*") if p.is_file()]
+    assert not leftovers, leftovers
 
 
 def test_eager_view_of_missing_objects_is_enoent(world: tuple) -> None:  # type: ignore[type-arg]

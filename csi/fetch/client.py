@@ -17,7 +17,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -705,12 +705,14 @@ class RepositoryClient:
         )
 
     def fetch_objects(
-        self, store: Store, digests: Iterable[bytes], progress: FetchProgress | None = None
+        self, store: Store, sizes: Mapping[bytes, int], progress: FetchProgress | None = None
     ) -> int:
-        """Make ``digests`` present in ``store`` (e.g. for lazy reads). Returns bytes received."""
+        """Make the objects of ``sizes`` (digest: the size an image gives it) present in
+        ``store`` (e.g. for lazy reads). Each download stops at its size: a server that sends
+        more fails that attempt. Returns bytes received."""
         prog = progress if progress is not None else FetchProgress()
-        wanted = {d for d in digests if not store.has_object(d)}
-        return self._fetch_objects(store, wanted, {}, prog)[2]
+        wanted = {d for d in sizes if not store.has_object(d)}
+        return self._fetch_objects(store, wanted, dict(sizes), prog)[2]
 
     def _fetch_objects(
         self, store: Store, missing: set[bytes], sizes: dict[bytes, int], prog: FetchProgress
@@ -720,6 +722,13 @@ class RepositoryClient:
             return 0, 0, 0
         if self._closed:
             raise FetchError("client is closed", repository=self.name)
+        unsized = [d for d in missing if d not in sizes]
+        if unsized:  # every download is bounded by the size an image records
+            raise FetchError(
+                f"{len(unsized)} object(s) to fetch have no known size "
+                f"(first: {unsized[0].hex()}); the image that lists them could not be read",
+                repository=self.name,
+            )
         mine: dict[Future[tuple[bool, int]], tuple[bytes, _Task, bool]] = {}
         new: list[tuple[bytes, _Task]] = []
         for d in sorted(missing):

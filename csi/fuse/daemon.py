@@ -66,12 +66,14 @@ def open_image(store: Path, digest: bytes) -> Image:
     return img
 
 
-def image_objects(store: Path, digests: Sequence[bytes]) -> set[bytes]:
-    """Every object digest the images reference (blocking; opens its own mappings)."""
-    out: set[bytes] = set()
+def image_objects(store: Path, digests: Sequence[bytes]) -> dict[bytes, int]:
+    """Every object the images reference, with the largest size they give it (blocking;
+    opens its own mappings)."""
+    out: dict[bytes, int] = {}
     for d in digests:
         with Image.open(store / layout.IMAGES_DIR / d.hex()) as img:
-            out |= img.object_digests()
+            for obj, size in img.object_sizes().items():
+                out[obj] = max(size, out.get(obj, 0))
     return out
 
 
@@ -308,10 +310,8 @@ class DataPlane:
         with trio.CancelScope() as scope:
             view.prefetch_scope = scope
             try:
-                digests = await trio.to_thread.run_sync(
-                    image_objects, self.store_root, view.digests
-                )
-                await self.objects.prefetch(digests, source, view.progress)
+                sizes = await trio.to_thread.run_sync(image_objects, self.store_root, view.digests)
+                await self.objects.prefetch(sizes, source, view.progress)
                 log.info("view %s: prefetch %s", view.key, view.progress.state)
             except Exception as e:
                 view.progress.state = "failed"

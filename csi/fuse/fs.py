@@ -348,7 +348,7 @@ class DataPlaneFS(pyfuse3.Operations):
         obj: ObjectFile | None = None
         if ref.digest is not None:
             try:
-                obj = await self.objects.acquire(ref.digest, view.lazy_source)
+                obj = await self.objects.acquire(ref.digest, ref.size, view.lazy_source)
             except ObjectMissing:
                 raise pyfuse3.FUSEError(errno.ENOENT) from None
             except ObjectUnavailable:

@@ -20,7 +20,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -37,8 +37,9 @@ OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NOCTTY
 class ObjectSource(Protocol):
     """Where a lazy view gets missing objects from (a configured repository)."""
 
-    def fetch(self, digest: bytes) -> None:
-        """Fetch one object into the store and verify it; blocking; raise on failure."""
+    def fetch(self, digest: bytes, size: int) -> None:
+        """Fetch one object of ``size`` bytes (as the image records it: the download stops
+        there) into the store and verify it; blocking; raise on failure."""
         ...
 
 
@@ -191,8 +192,9 @@ class ObjectStoreAccess:
     def has_object(self, digest: bytes) -> bool:
         return self.object_path(digest).is_file()
 
-    async def acquire(self, digest: bytes, source: ObjectSource | None) -> ObjectFile:
-        """An open descriptor for the object (release it with :meth:`release`)."""
+    async def acquire(self, digest: bytes, size: int, source: ObjectSource | None) -> ObjectFile:
+        """An open descriptor for the object of ``size`` bytes (release it with
+        :meth:`release`)."""
         cached = self.fds.acquire(digest)
         if cached is not None:
             return cached
@@ -204,7 +206,7 @@ class ObjectStoreAccess:
                 metrics.MISSING_OBJECTS.inc()
                 log.warning("object %s is not in the store (%s)", digest.hex(), path)
                 raise ObjectMissing(digest.hex()) from None
-            await self._wait_for(digest, source)
+            await self._wait_for(digest, size, source)
             try:
                 fd = await trio.to_thread.run_sync(
                     os.open, path, OPEN_FLAGS, limiter=self.io_limiter
@@ -226,11 +228,11 @@ class ObjectStoreAccess:
 
     # -- lazy fetching -------------------------------------------------------------------
 
-    async def _wait_for(self, digest: bytes, source: ObjectSource) -> None:
+    async def _wait_for(self, digest: bytes, size: int, source: ObjectSource) -> None:
         started = time.monotonic()
         flight = self._flights.get(digest)
         if flight is None:
-            flight = self._start_flight(digest, source, self._demand_limiter, "demand")
+            flight = self._start_flight(digest, size, source, self._demand_limiter, "demand")
         with trio.move_on_after(self.fetch_timeout) as scope:
             await flight.done.wait()
         metrics.LAZY_FETCH_WAIT.observe(time.monotonic() - started)
@@ -245,18 +247,24 @@ class ObjectStoreAccess:
             raise ObjectUnavailable(digest.hex()) from flight.error
 
     def _start_flight(
-        self, digest: bytes, source: ObjectSource, limiter: trio.CapacityLimiter, trigger: str
+        self,
+        digest: bytes,
+        size: int,
+        source: ObjectSource,
+        limiter: trio.CapacityLimiter,
+        trigger: str,
     ) -> _Flight:
         if self._nursery is None:
             raise RuntimeError("ObjectStoreAccess.start() was not called")
         flight = _Flight()
         self._flights[digest] = flight
-        self._nursery.start_soon(self._run_flight, digest, source, limiter, flight, trigger)
+        self._nursery.start_soon(self._run_flight, digest, size, source, limiter, flight, trigger)
         return flight
 
     async def _run_flight(
         self,
         digest: bytes,
+        size: int,
         source: ObjectSource,
         limiter: trio.CapacityLimiter | None,
         flight: _Flight,
@@ -266,7 +274,9 @@ class ObjectStoreAccess:
             if limiter is not None:
                 await limiter.acquire()
             try:
-                await trio.to_thread.run_sync(source.fetch, digest, limiter=self._flight_limiter)
+                await trio.to_thread.run_sync(
+                    source.fetch, digest, size, limiter=self._flight_limiter
+                )
             finally:
                 if limiter is not None:
                     limiter.release()
@@ -281,10 +291,11 @@ class ObjectStoreAccess:
             flight.done.set()
 
     async def prefetch(
-        self, digests: Iterable[bytes], source: ObjectSource, progress: FetchProgress
+        self, sizes: Mapping[bytes, int], source: ObjectSource, progress: FetchProgress
     ) -> None:
-        """Fetch every missing object among ``digests`` (runs until done or cancelled)."""
-        todo = sorted(digests)
+        """Fetch every missing object of ``sizes`` (digest: size; runs until done or
+        cancelled)."""
+        todo = sorted(sizes)
         progress.total = len(todo)
         missing = await trio.to_thread.run_sync(
             lambda: [d for d in todo if not self.has_object(d)], limiter=self.io_limiter
@@ -310,7 +321,9 @@ class ObjectStoreAccess:
                             if flight is None:
                                 flight = _Flight()
                                 self._flights[digest] = flight
-                                await self._run_flight(digest, source, None, flight, "prefetch")
+                                await self._run_flight(
+                                    digest, sizes[digest], source, None, flight, "prefetch"
+                                )
                 if not flight.done.is_set():
                     await flight.done.wait()
                 if flight.error is None:

@@ -51,8 +51,8 @@ class RepositoryObjectSource:
         self.client = client
         self.store = store
 
-    def fetch(self, digest: bytes) -> None:
-        self.client.fetch_objects(self.store.get(), [digest])
+    def fetch(self, digest: bytes, size: int) -> None:
+        self.client.fetch_objects(self.store.get(), {digest: size})
 
 
 class SourceRegistry:
