@@ -22,6 +22,8 @@ from typing import Protocol
 
 import grpc
 
+from csi.sqlite import open_database
+
 from . import attributes as a
 from . import volumeid
 from .errors import CsiError, already_exists, invalid, not_found
@@ -68,9 +70,12 @@ class Provisioner:
         self._db: sqlite3.Connection | None = None
         if state_path is not None:
             state_path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(state_path, check_same_thread=False, isolation_level=None)
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS volumes (name TEXT PRIMARY KEY, record TEXT NOT NULL)"
+            self._db = open_database(
+                state_path,
+                setup=lambda c: c.execute(
+                    "CREATE TABLE IF NOT EXISTS volumes "
+                    "(name TEXT PRIMARY KEY, record TEXT NOT NULL)"
+                ),
             )
             for name, record in self._db.execute("SELECT name, record FROM volumes"):
                 self._names[name] = Provisioned(**json.loads(record))

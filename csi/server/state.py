@@ -17,7 +17,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
-from csi.sqlite import write_transaction
+from csi.sqlite import open_database, write_transaction
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS volumes (
@@ -95,12 +95,10 @@ class NodeState:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._mu = threading.Lock()
-        with self._mu:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
+        self._db = open_database(
+            self.path, synchronous="FULL", setup=lambda c: c.executescript(_SCHEMA)
+        )
 
     def close(self) -> None:
         with self._mu:

@@ -15,7 +15,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from csi.sqlite import write_transaction
+from csi.sqlite import open_database, write_transaction
 
 SCHEMA_VERSION = 1
 
@@ -54,22 +54,20 @@ class StateDB:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._mu = threading.RLock()
-        self._con = sqlite3.connect(
-            path, timeout=120.0, isolation_level=None, check_same_thread=False
-        )
-        c = self._con
-        c.execute("PRAGMA busy_timeout = 120000")
-        c.execute("PRAGMA journal_mode = WAL")
-        c.execute("PRAGMA synchronous = NORMAL")
-        c.execute("PRAGMA wal_autocheckpoint = 256")
-        c.execute("PRAGMA journal_size_limit = 4194304")
-        with self.tx() as cur:
-            for stmt in _SCHEMA.split(";\n"):
-                if stmt.strip():
-                    cur.execute(stmt)
-            cur.execute(
-                "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
-            )
+
+        def setup(c: sqlite3.Connection) -> None:
+            c.execute("PRAGMA wal_autocheckpoint = 256")
+            c.execute("PRAGMA journal_size_limit = 4194304")
+            with write_transaction(c, self._mu) as cur:
+                for stmt in _SCHEMA.split(";\n"):
+                    if stmt.strip():
+                        cur.execute(stmt)
+                cur.execute(
+                    "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
+                    (str(SCHEMA_VERSION),),
+                )
+
+        self._con = open_database(path, setup=setup)
 
     def close(self) -> None:
         with self._mu:
