@@ -7,6 +7,7 @@ at the moment of use. ``repr()`` of every object here is safe to log.
 from __future__ import annotations
 
 import os
+import re
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +84,11 @@ class RetryPolicy:
     max_retry_after: float = 60.0
 
 
+#: Repository names (pods choose one by name: volumeAttributes.repository): Kubernetes-style.
+REPOSITORY_NAME_MAX = 63
+_REPOSITORY_NAME = re.compile(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?")
+
+
 @dataclass(frozen=True, slots=True)
 class RepositoryConfig:
     """One admin-configured repository. ``urls``: mirrors, tried in order for each object.
@@ -115,6 +121,12 @@ class RepositoryConfig:
             object.__setattr__(self, "urls", tuple(self.urls))
         if not self.name:
             raise ConfigError("a repository needs a name")
+        if len(self.name) > REPOSITORY_NAME_MAX or not _REPOSITORY_NAME.fullmatch(self.name):
+            raise ConfigError(
+                f"repository name {self.name[:80]!r} is not allowed: use at most "
+                f"{REPOSITORY_NAME_MAX} lower-case letters, digits, '-' and '.', starting and "
+                "ending with a letter or digit (a Kubernetes-style name)"
+            )
         if not self.urls:
             raise ConfigError("needs at least one URL", repository=self.name)
         for u in self.urls:
