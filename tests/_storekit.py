@@ -57,8 +57,9 @@ def files_under(path: Path) -> list[str]:
 
 
 def temp_files(root: Path) -> list[str]:
-    """Temp files (not lock files) left in the store's temp area."""
-    return [f for f in files_under(root / ".tmp") if not f.startswith("locks/")]
+    """Temp files (not lock files, nor the owner files of live processes) left in the store's
+    temp area."""
+    return [f for f in files_under(root / ".tmp") if not f.startswith(("locks/", "owners/"))]
 
 
 def real_image(contents: Iterable[bytes]) -> tuple[bytes, set[bytes]]:

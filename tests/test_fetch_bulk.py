@@ -310,7 +310,7 @@ def test_warm_starts_the_workers_before_any_fetch_and_close_ends_them(world: Wor
     assert not _children(_forkserver_processes()) & started
     pool.warm()  # after close: nothing starts, nothing raises
     with pytest.raises(RuntimeError, match="shut down"):
-        pool.fetch(Path("/nonexistent"), [])
+        pool.fetch(Path("/nonexistent"), "0" * 32, [])
     time.sleep(0.2)
     assert not _children(_forkserver_processes()) & started
 

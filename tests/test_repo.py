@@ -22,7 +22,7 @@ from csi.repo import (
 )
 from csi.repo.tmpfiles import TempArea
 
-from ._storekit import blob, files_under
+from ._storekit import blob, files_under, temp_files
 
 
 def test_create_writes_composefs_rs_meta(tmp_path: Path) -> None:
@@ -103,7 +103,7 @@ def test_object_layout_and_dedup(tmp_path: Path) -> None:
     assert r.object_path(d).stat().st_mode & 0o777 == 0o644
     assert r.add_object_bytes(data) == (d, False)
     assert list(r.iter_objects()) == [d]
-    assert files_under(tmp_path / ".tmp") == []
+    assert temp_files(tmp_path) == []
 
 
 def test_add_object_file_verifies_and_copies(tmp_path: Path) -> None:
@@ -127,7 +127,7 @@ def test_add_object_file_mismatch_stores_nothing(tmp_path: Path) -> None:
         r.add_object_file(src, wrong)
     assert ei.value.expected == wrong and ei.value.actual == digest_file(src)
     assert files_under(r.root / "objects") == []
-    assert files_under(r.root / ".tmp") == []
+    assert temp_files(r.root) == []
 
 
 def test_images_and_refs(tmp_path: Path) -> None:
@@ -153,7 +153,7 @@ def test_images_and_refs(tmp_path: Path) -> None:
     d2 = r.add_image(blob("image2", 5000))
     r.set_ref("app", d2)  # atomic replace
     assert r.resolve_ref("app") == d2
-    assert [p for p in files_under(tmp_path / ".tmp")] == []
+    assert temp_files(tmp_path) == []
 
 
 def test_resolve_digest_forms(tmp_path: Path) -> None:
@@ -237,7 +237,7 @@ def test_temp_area_cleans_only_dead_writers(tmp_path: Path) -> None:
     assert area.clean() == 2
     assert live.path.exists() and not dead.path.exists()
     live.discard()
-    assert files_under(tmp_path / ".tmp") == []
+    assert temp_files(tmp_path) == []
 
 
 def test_lock_is_exclusive_and_removes_its_file(tmp_path: Path) -> None:

@@ -65,12 +65,14 @@ def test_a_failing_file_leaves_nothing_behind(tmp_path: Path) -> None:
 def test_store_cleaner_spares_a_live_builds_temps(tmp_path: Path) -> None:
     repo = Repository(tmp_path / "repo", create=True)
     repo.tmp.ensure_dirs()
-    live = repo.tmp.path / f"{os.getpid()}-0123456789abcdef.worker.tmp"
-    dead = repo.tmp.path / "999999999-0123456789abcdef.worker.tmp"
+    live = repo.tmp.path / f"{repo.tmp.owner()}-0123456789abcdef.worker.tmp"
+    dead = repo.tmp.path / f"{'d' * 32}-0123456789abcdef.worker.tmp"  # an owner that is gone
+    legacy = repo.tmp.path / "999999999-0123456789abcdef.worker.tmp"  # pid-named, no such pid
     live.write_bytes(b"in progress")
     dead.write_bytes(b"left by a crash")
-    assert repo.tmp.clean() == 1
-    assert live.exists() and not dead.exists()
+    legacy.write_bytes(b"left by an older version")
+    assert repo.tmp.clean() == 2
+    assert live.exists() and not dead.exists() and not legacy.exists()
 
 
 def test_a_failing_sync_names_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -132,7 +134,9 @@ def test_present_small_files_make_no_temp_file(
         return real_open(path, flags, *a)
 
     monkeypatch.setattr(parallel.os, "open", counting_open)
-    out = parallel._copy_chunk(str(repo.tmp.path), str(repo.root / "objects"), os.getpid(), paths)
+    out = parallel._copy_chunk(
+        str(repo.tmp.path), str(repo.root / "objects"), repo.tmp.owner(), paths
+    )
     assert [(d, t) for d, t, _ in out] == [(digest_bytes(c), "") for c in contents]
     assert len(created) == 1  # only the large file's copy, since dropped
     assert _temps(repo) == []

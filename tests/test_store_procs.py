@@ -147,3 +147,71 @@ def test_processes_sharing_a_store(tmp_path: Path) -> None:
         assert s.usage().files == N_OBJECTS + 4
         assert s.recovery.recorded_unknown == 0 and s.recovery.dropped_missing == 0
     assert os.path.exists(root / "state.db")
+
+
+UNSHARE_PID = ["unshare", "--pid", "--fork", "--kill-child"]
+PID1_HOLDER = textwrap.dedent(
+    """
+    import os, sys, time
+    from pathlib import Path
+    from csi.store import Store
+    from csi.repo.tmpfiles import WORKER_TEMP_SUFFIX
+
+    assert os.getpid() == 1, os.getpid()  # pid 1 of its own pid namespace, as in a container
+    store = Store(Path(sys.argv[1]))
+    image = bytes.fromhex(sys.argv[2])
+    with store.pin([image]):
+        # What a bulk fetch's worker leaves in the temp area while it writes.
+        leftover = store.repo.tmp.path / f"{store.repo.tmp.owner()}-00{WORKER_TEMP_SUFFIX}"
+        leftover.write_bytes(b"half an object" * 1000)
+        print("pinned", flush=True)
+        time.sleep(3600)  # until SIGKILL
+    """
+)
+
+
+def test_leftovers_of_a_killed_pid1_are_found_and_collected(tmp_path: Path) -> None:
+    """A process that is pid 1 of its pid namespace (a container's entry point), killed while
+    it pins an image and has worker temp files: its pin no longer protects the image, fsck
+    reports the leak, and the temp files go. By pid, both looked alive forever (pid 1)."""
+    import shutil
+
+    import pytest
+
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare(1) for a pid namespace")
+    root = tmp_path / "store"
+    with Store(root, image_parser=fake_parser) as s:
+        img = fake_image([digest_bytes(blob("pinned-object", 5000))], nonce=b"pid1")
+        image = s.add_image_bytes(img)
+    proc = subprocess.Popen(
+        [*UNSHARE_PID, sys.executable, "-c", PID1_HOLDER, str(root), image.hex()],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "pinned"
+        with Store(root, image_parser=fake_parser) as s:
+            assert s.gc().removed_images == []  # a live pin protects it
+            rep = s.fsck(repair=False)
+            assert rep.stale_pins == 0 and rep.leaked_temp_files == 0, str(rep)
+        # Kill the namespace's pid 1 itself (unshare waits for it, then exits).
+        (child,) = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        os.kill(int(child), signal.SIGKILL)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # The holder is gone. A store opened now finds its leftovers; nothing waits for "pid 1".
+    with Store(root, image_parser=fake_parser) as s:
+        rep = s.fsck(repair=False)
+        assert rep.stale_pins == 1, str(rep)
+        assert rep.temp_removed_at_open + rep.leaked_temp_files == 1, str(rep)
+        assert "leak" in str(rep) and not rep.ok
+        s.fsck(repair=True)
+        assert s.fsck(repair=False).stale_pins == 0
+        assert s.gc().removed_images == [image]
+    assert not [p for p in (root / ".tmp").iterdir() if p.is_file()]

@@ -106,7 +106,7 @@ class _TempObject:
 
     __slots__ = ("digest", "fd", "got", "path", "writer")
 
-    def __init__(self, tmpdir: str, tag: int, digest: bytes) -> None:
+    def __init__(self, tmpdir: str, tag: str, digest: bytes) -> None:
         self.digest = digest
         self.got = 0  # bytes received (passed to write)
         self.path = os.path.join(tmpdir, f"{tag}-{secrets.token_hex(8)}{WORKER_TEMP_SUFFIX}")
@@ -150,7 +150,7 @@ class _TempSink:
     """What a worker's sequential downloads write into: ``ensure`` as the store has it, but
     each object goes to a :class:`_TempObject`."""
 
-    def __init__(self, tmpdir: str, tag: int) -> None:
+    def __init__(self, tmpdir: str, tag: str) -> None:
         self.tmpdir = tmpdir
         self.tag = tag
         self.written: list[tuple[bytes, str, int]] = []
@@ -237,7 +237,7 @@ def _counters() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return out
 
 
-def _fetch_chunk(tmpdir: str, tag: int, items: list[tuple[bytes, int | None]]) -> ChunkResult:
+def _fetch_chunk(tmpdir: str, tag: str, items: list[tuple[bytes, int | None]]) -> ChunkResult:
     """Worker: fetch ``items`` (digest, size) into temp files under ``tmpdir``.
 
     From an HTTP(S) repository the first attempt at each object is one of up to ``_parallel``
@@ -275,7 +275,7 @@ def _first_attempts(
     client: RepositoryClient,
     src: HttpSource,
     tmpdir: str,
-    tag: int,
+    tag: str,
     items: list[tuple[bytes, int | None]],
     results: dict[bytes, Written | Failed],
 ) -> list[_Again]:
@@ -336,7 +336,7 @@ def _no_space(digest: bytes, subject: str, e: Exception) -> Failed:
 def _fetch_one(
     client: RepositoryClient,
     tmpdir: str,
-    tag: int,
+    tag: str,
     digest: bytes,
     size: int | None,
     prior: SourceError | None,
@@ -426,15 +426,17 @@ class BulkPool:
         except Exception as e:  # shut down meanwhile, or cannot start: fetch() will tell
             log.debug("starting fetch worker processes ahead of use: %s", e)
 
-    def fetch(self, tmpdir: Path, items: list[tuple[bytes, int | None]]) -> ChunkResult:
-        """Fetch ``items`` in a worker (blocks until done); apply its counters here.
+    def fetch(self, tmpdir: Path, owner: str, items: list[tuple[bytes, int | None]]) -> ChunkResult:
+        """Fetch ``items`` in a worker (blocks until done); apply its counters here. The
+        worker's temp files in ``tmpdir`` are marked with ``owner``, this process's owner id
+        in that temp area (:meth:`csi.repo.tmpfiles.TempArea.owner`): in use while it lives.
 
         A worker that dies (killed, out of memory) breaks its pool: this call raises, and
         the next one starts new workers.
         """
         pool = self._executor()
         try:
-            results, delta = pool.submit(_fetch_chunk, str(tmpdir), os.getpid(), items).result()
+            results, delta = pool.submit(_fetch_chunk, str(tmpdir), owner, items).result()
         except BrokenProcessPool:
             with self._lock:
                 if self._pool is pool:

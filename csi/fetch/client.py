@@ -481,7 +481,9 @@ class RepositoryClient:
         assert self._bulk is not None
         tasks = dict(chunk)
         try:
-            results, _ = self._bulk.fetch(store.repo.tmp.path, [(d, t.size) for d, t in chunk])
+            results, _ = self._bulk.fetch(
+                store.repo.tmp.path, store.repo.tmp.owner(), [(d, t.size) for d, t in chunk]
+            )
         except Exception as e:  # the worker died, or could not start: the caller retries
             log.warning(
                 "repository %r: worker process failed (%s); fetching %d objects in-process",

@@ -39,7 +39,7 @@ Progress = Callable[[int, int], None]
 
 
 def _copy_chunk(
-    tmpdir: str, objects: str, tag: int, paths: Sequence[bytes]
+    tmpdir: str, objects: str, tag: str, paths: Sequence[bytes]
 ) -> list[tuple[bytes, str, int]]:
     """Worker: copy each file to a new temp file while hashing; (digest, temp path, size).
 
@@ -126,7 +126,7 @@ def store_files(
     """
     repo.tmp.ensure_dirs()
     tmpdir = str(repo.tmp.path)
-    tag = os.getpid()
+    tag = repo.tmp.owner()  # worker temp files are ours while this process lives
     root_fd = os.open(repo.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     digests: list[bytes] = []
     pending: dict[bytes, str] = {}

@@ -12,6 +12,12 @@ lock. A writer that loses the race sees ``st_nlink == 0`` and starts over.
 Cross-process mutual exclusion per key (one writer per digest) uses :class:`KeyLocks`: OFD
 byte-range locks on one fixed file, ``locks/keys.lock``, at an offset derived from the key.
 Nothing is created or removed per key, and the kernel drops the locks of a dead process.
+
+Whose is what (:meth:`TempArea.owner`): each process that uses the area names itself with a
+random *owner id* and holds ``owners/<id>.owner`` ``flock``'d for its life. Anything marked
+with that id (worker temp files, temp symlinks, the store's pins) is in use exactly while
+somebody holds that lock. Unlike a pid, the id is never reused, and it means the same thing
+in every pid namespace that shares the filesystem: a containerised process is often pid 1.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
 import secrets
 import struct
 import threading
@@ -27,10 +34,14 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 LOCKS_DIR = "locks"
+#: Owner files (:meth:`TempArea.owner`), ``<owner id>.owner``.
+OWNERS_DIR = "owners"
+OWNER_SUFFIX = ".owner"
 #: Suffix of the temp files that worker processes (of a build, or of a bulk fetch) write
-#: without a lock, named ``<pid of the process they work for>-<random><suffix>``: in use
-#: while that process lives.
+#: without a lock, named ``<owner id of the process they work for>-<random><suffix>``: in use
+#: while that owner lives.
 WORKER_TEMP_SUFFIX = ".worker.tmp"
+_OWNER_ID = re.compile(r"[0-9a-f]{32}")
 #: The file holding every :class:`KeyLocks` range lock (inside ``LOCKS_DIR``; never cleaned).
 KEY_LOCKS_FILE = "keys.lock"
 
@@ -205,17 +216,99 @@ class KeyLocks:
 
 
 class TempArea:
-    """``<repo>/.tmp``: temp files, temp symlinks and lock files."""
+    """``<repo>/.tmp``: temp files, temp symlinks, lock files and owner files."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._dirs_ok = False
         #: Per-key cross-process locks (see :class:`KeyLocks`).
         self.key_locks = KeyLocks(path / LOCKS_DIR / KEY_LOCKS_FILE)
+        self._owner_mu = threading.Lock()
+        self._owner: tuple[int, str, int] | None = None  # (pid, id, locked descriptor)
 
     def ensure_dirs(self) -> None:
         (self.path / LOCKS_DIR).mkdir(mode=0o700, parents=True, exist_ok=True)
+        (self.path / OWNERS_DIR).mkdir(mode=0o700, exist_ok=True)
         self._dirs_ok = True
+
+    # -- owners ----------------------------------------------------------------------------
+
+    def owner(self) -> str:
+        """This process's owner id in this area (created on first use, see the module doc).
+
+        The owner file stays locked until the process ends (or :meth:`close`); a forked
+        child gets an id of its own.
+        """
+        with self._owner_mu:
+            if self._owner is not None and self._owner[0] == os.getpid():
+                return self._owner[1]
+            if not self._dirs_ok:
+                self.ensure_dirs()
+            while True:
+                oid = secrets.token_hex(16)
+                path = self.path / OWNERS_DIR / f"{oid}{OWNER_SUFFIX}"
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                except FileExistsError:
+                    continue
+                except FileNotFoundError:  # the directory was removed behind our back
+                    self.ensure_dirs()
+                    continue
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:  # a cleaner holds it and is about to remove it
+                    os.close(fd)
+                    continue
+                if os.fstat(fd).st_nlink == 0:  # removed by a cleaner before we locked it
+                    os.close(fd)
+                    continue
+                self._owner = (os.getpid(), oid, fd)
+                return oid
+
+    def owner_alive(self, oid: str) -> bool:
+        """True while the process that took owner id ``oid`` (of any pid namespace sharing
+        this filesystem) lives. A malformed id is nobody's: False."""
+        if not _OWNER_ID.fullmatch(oid):
+            return False
+        with self._owner_mu:
+            if self._owner is not None and self._owner[1] == oid:
+                return self._owner[0] == os.getpid()
+        try:
+            fd = os.open(
+                self.path / OWNERS_DIR / f"{oid}{OWNER_SUFFIX}",
+                os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW,
+            )
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    def owners(self) -> tuple[list[str], list[str]]:
+        """(live owner ids, dead owner ids) of every owner file in the area."""
+        live: list[str] = []
+        dead: list[str] = []
+        try:
+            names = os.listdir(self.path / OWNERS_DIR)
+        except FileNotFoundError:
+            return live, dead
+        for name in names:
+            oid = name.removesuffix(OWNER_SUFFIX)
+            (live if self.owner_alive(oid) else dead).append(oid)
+        return live, dead
+
+    def close(self) -> None:
+        """Give up this process's owner id (its owner file is removed)."""
+        with self._owner_mu:
+            owner, self._owner = self._owner, None
+        if owner is not None and owner[0] == os.getpid():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path / OWNERS_DIR / f"{owner[1]}{OWNER_SUFFIX}")
+            os.close(owner[2])
 
     def create(self, tag: str = "obj") -> TempFile:
         """A new, empty, locked temp file (mode 0600 until the caller changes it)."""
@@ -249,9 +342,8 @@ class TempArea:
             return TempFile(path, fd, lock_fd)
 
     def symlink_name(self) -> Path:
-        """A fresh name for a temp symlink (tagged with our pid for :meth:`clean`)."""
-        self.ensure_dirs()
-        return self.path / f"{os.getpid()}-{secrets.token_hex(8)}.lnk"
+        """A fresh name for a temp symlink (tagged with our owner id for :meth:`clean`)."""
+        return self.path / f"{self.owner()}-{secrets.token_hex(8)}.lnk"
 
     @contextlib.contextmanager
     def lock(self, name: str) -> Iterator[None]:
@@ -283,9 +375,41 @@ class TempArea:
                 os.unlink(path)
             os.close(fd)
 
+    def leftovers(self) -> tuple[int, int]:
+        """(files, bytes) in the area that belong to dead writers: what :meth:`clean` would
+        remove (owner files aside). For fsck: nothing is removed."""
+        files = size = 0
+        try:
+            entries = list(os.scandir(self.path))
+        except FileNotFoundError:
+            return 0, 0
+        for e in entries:
+            if e.is_dir(follow_symlinks=False):
+                continue
+            if e.is_symlink() or e.name.endswith(WORKER_TEMP_SUFFIX):
+                stale = not self._marked_live(e.name)
+            else:
+                stale = not _locked(Path(e.path))
+            if stale:
+                files += 1
+                with contextlib.suppress(OSError):
+                    size += e.stat(follow_symlinks=False).st_size
+        return files, size
+
+    def _marked_live(self, name: str) -> bool:
+        """A name ``<owner id>-...`` whose owner lives (or, from an older version, whose
+        ``<pid>-...`` names a process of ours that exists)."""
+        head = name.split("-", 1)[0]
+        if _OWNER_ID.fullmatch(head):
+            return self.owner_alive(head)
+        return head.isdigit() and len(head) < 10 and pid_alive(int(head))
+
     def clean(self) -> int:
-        """Remove temp files and lock files of dead writers; return how many were removed."""
+        """Remove temp files and lock files of dead writers (and the owner files of dead
+        processes); return how many temp and lock files were removed."""
         removed = 0
+        for oid in self.owners()[1]:
+            _remove_if_unlocked(self.path / OWNERS_DIR / f"{oid}{OWNER_SUFFIX}")
         for d in (self.path, self.path / LOCKS_DIR):
             try:
                 entries = list(os.scandir(d))
@@ -302,38 +426,15 @@ class TempArea:
                     removed += self._clean_file(Path(e.path))
         return removed
 
-    @staticmethod
-    def _clean_file(path: Path) -> int:
-        if path.name.endswith(WORKER_TEMP_SUFFIX):
-            # Written unlocked by worker processes (csi.repo.parallel, csi.fetch.bulk), named
-            # after the process they work for: in use while that process lives.
-            head = path.name.split("-", 1)[0]
-            if head.isdigit() and pid_alive(int(head)):
-                return 0
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-        except OSError:
+    def _clean_file(self, path: Path) -> int:
+        # Worker temp files are written unlocked by worker processes (csi.repo.parallel,
+        # csi.fetch.bulk), named after the owner they work for: in use while it lives.
+        if path.name.endswith(WORKER_TEMP_SUFFIX) and self._marked_live(path.name):
             return 0
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return 0  # a live writer holds it
-            try:
-                st = os.lstat(path)
-            except FileNotFoundError:
-                return 0
-            if st.st_ino != os.fstat(fd).st_ino:
-                return 0
-            os.unlink(path)
-            return 1
-        finally:
-            os.close(fd)
+        return _remove_if_unlocked(path)
 
-    @staticmethod
-    def _clean_symlink(path: Path) -> int:
-        head = path.name.split("-", 1)[0]
-        if head.isdigit() and pid_alive(int(head)):
+    def _clean_symlink(self, path: Path) -> int:
+        if self._marked_live(path.name):
             return 0
         try:
             os.unlink(path)
@@ -342,3 +443,41 @@ class TempArea:
                 raise
             return 0
         return 1
+
+
+def _locked(path: Path) -> bool:
+    """Somebody holds an flock on ``path`` (a temp file's live writer)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return True  # gone, or not ours to judge
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def _remove_if_unlocked(path: Path) -> int:
+    """Remove ``path`` while holding its lock, if nobody else holds it (1 if removed)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return 0
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return 0  # a live writer (or owner) holds it
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return 0
+        if st.st_ino != os.fstat(fd).st_ino:
+            return 0
+        os.unlink(path)
+        return 1
+    finally:
+        os.close(fd)

@@ -73,14 +73,21 @@ class FsckReport:
     quarantined: list[str] = field(default_factory=list)
     removed_records: int = 0
     fixed_links: int = 0
+    #: Leaks of dead processes: pins, and temp files (count, bytes) still there when fsck
+    #: started; temp files the store's start-up recovery removed just before.
+    stale_pins: int = 0
+    leaked_temp_files: int = 0
+    leaked_temp_bytes: int = 0
+    temp_removed_at_open: int = 0
 
     @property
     def ok(self) -> bool:
-        return not self.bad
+        """No bad file, and no leak left behind (leaks found are removed when repairing)."""
+        return not self.bad and (self.repair or not (self.stale_pins or self.leaked_temp_files))
 
     def __str__(self) -> str:
         head = f"fsck: checked {self.checked} files ({human_bytes(self.bytes_checked)}): " + (
-            "all good" if self.ok else f"{len(self.bad)} bad"
+            f"{len(self.bad)} bad" if self.bad else "all good"
         )
         lines = [head]
         lines += [f"  {p}: {why}" for p, why in self.bad]
@@ -90,8 +97,21 @@ class FsckReport:
             lines.append(f"  dropped {self.removed_records} stale state record(s)")
         if self.fixed_links:
             lines.append(f"  repaired {self.fixed_links} image link(s)")
+        done = "removed" if self.repair else "left"
+        if self.stale_pins:
+            lines.append(f"  leak: {self.stale_pins} pin(s) of dead processes ({done})")
+        if self.leaked_temp_files:
+            lines.append(
+                f"  leak: {self.leaked_temp_files} temp file(s) of dead processes, "
+                f"{human_bytes(self.leaked_temp_bytes)} ({done})"
+            )
+        if self.temp_removed_at_open:
+            lines.append(
+                f"  leak: {self.temp_removed_at_open} temp file(s) of dead processes removed "
+                "when the store was opened"
+            )
         if not self.ok and not self.repair:
-            lines.append("  (not repaired: run without --no-repair to quarantine them)")
+            lines.append("  (not repaired: run without --no-repair to quarantine and remove them)")
         return "\n".join(lines)
 
 

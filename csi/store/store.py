@@ -175,6 +175,7 @@ class Store:
             self._closed = True
             self.db.close()
             self.repo.tmp.key_locks.close()
+            self.repo.tmp.close()
 
     def __enter__(self) -> Store:
         return self
@@ -608,15 +609,20 @@ class Store:
         """Protect ``images`` (and their objects) from GC while the block runs.
 
         Visible to GC in other processes; pins of dead processes are ignored. Pin an image
-        before checking whether it is present, so GC cannot remove it in between.
+        before checking whether it is present, so GC cannot remove it in between. A pin
+        belongs to this process's owner id in the store's temp area (not to its pid, which
+        a containerised process shares with every other pid 1).
         """
         imgs = {layout.check_digest(i) for i in images}
         token = secrets.token_hex(8)
-        pid = os.getpid()
+        owner = self.repo.tmp.owner()
         with self._lock(exclusive=False), self.db.tx() as cur:
             stale = self._drop_stale_pins(cur)
+            cur.execute("INSERT INTO pin_owners VALUES (?, ?)", (token, owner))
+            # The pid column stays for older versions sharing the store during an upgrade.
             cur.executemany(
-                "INSERT OR IGNORE INTO pins VALUES (?, ?, ?)", ((token, pid, i) for i in imgs)
+                "INSERT OR IGNORE INTO pins VALUES (?, ?, ?)",
+                ((token, os.getpid(), i) for i in imgs),
             )
         self._forget_stale_pins(stale)
         try:
@@ -624,7 +630,7 @@ class Store:
         finally:
             try:
                 with self.db.tx() as cur:
-                    cur.execute("DELETE FROM pins WHERE token = ?", (token,))
+                    _delete_pins(cur, [token])
             except sqlite3.OperationalError as e:
                 # The disk is full (SQLite needs room even to delete): the block's own error,
                 # most likely "no space" too, must not be replaced by this one. The pin stays
@@ -640,7 +646,7 @@ class Store:
         with self._stale_mu:
             stale = list(self._stale_pins)
         if stale:
-            cur.executemany("DELETE FROM pins WHERE token = ?", ((t,) for t in stale))
+            _delete_pins(cur, stale)
         return stale
 
     def _forget_stale_pins(self, done: list[str]) -> None:
@@ -720,12 +726,33 @@ class Store:
         self._update_gauges()
         return report
 
+    def _dead_pins(self) -> list[str]:
+        """Tokens of pins whose process is gone: by owner id, or by pid for the pins of an
+        older version (which recorded only that)."""
+        rows = self.db.query(
+            "SELECT DISTINCT pins.token, pins.pid, pin_owners.owner FROM pins "
+            "LEFT JOIN pin_owners ON pin_owners.token = pins.token"
+        )
+        alive: dict[str, bool] = {}
+        dead: list[str] = []
+        for token, pid, owner in rows:
+            key = str(owner) if owner is not None else f"pid:{pid}"
+            if key not in alive:
+                alive[key] = (
+                    self.repo.tmp.owner_alive(str(owner)) if owner is not None else pid_alive(pid)
+                )
+            if not alive[key]:
+                dead.append(str(token))
+        orphans = self.db.query(
+            "SELECT token FROM pin_owners WHERE token NOT IN (SELECT token FROM pins)"
+        )
+        return dead + [str(r[0]) for r in orphans]
+
     def _live_pins(self) -> set[bytes]:
-        rows = self.db.query("SELECT DISTINCT pid FROM pins")
-        dead = [int(r[0]) for r in rows if not pid_alive(int(r[0]))]
+        dead = self._dead_pins()
         if dead or self._stale_pins:
             with self.db.tx() as cur:
-                cur.executemany("DELETE FROM pins WHERE pid = ?", ((p,) for p in dead))
+                _delete_pins(cur, dead)
                 stale = self._drop_stale_pins(cur)
             self._forget_stale_pins(stale)
         return {bytes(r[0]) for r in self.db.query("SELECT image FROM pins")}
@@ -733,8 +760,17 @@ class Store:
     # -- fsck and recovery -----------------------------------------------------------------
 
     def fsck(self, *, repair: bool = True, progress: Progress | None = None) -> FsckReport:
-        """Recompute every stored file's digest; quarantine bad ones (``repair``)."""
+        """Recompute every stored file's digest; quarantine bad ones (``repair``). Also
+        report what dead processes left behind (pins, temp files) and, with ``repair``,
+        remove it."""
         report = FsckReport(repair=repair)
+        report.temp_removed_at_open = self.recovery.temp_removed
+        report.stale_pins = len(self._dead_pins())
+        report.leaked_temp_files, report.leaked_temp_bytes = self.repo.tmp.leftovers()
+        if repair and (report.stale_pins or report.leaked_temp_files):
+            self._live_pins()
+            with self._lock(exclusive=True):
+                self.repo.tmp.clean()
         digests = list(self.repo.iter_objects())
         bad: dict[bytes, tuple[int, str]] = {}  # digest -> (inode, problem)
         for i, d in enumerate(digests):
@@ -841,3 +877,8 @@ class Store:
 
     def quarantine_dir(self) -> Path:
         return self.root / QUARANTINE_DIR
+
+
+def _delete_pins(cur: sqlite3.Cursor, tokens: list[str]) -> None:
+    cur.executemany("DELETE FROM pins WHERE token = ?", ((t,) for t in tokens))
+    cur.executemany("DELETE FROM pin_owners WHERE token = ?", ((t,) for t in tokens))
