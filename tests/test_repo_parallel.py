@@ -71,8 +71,14 @@ def test_store_cleaner_spares_a_live_builds_temps(tmp_path: Path) -> None:
     live.write_bytes(b"in progress")
     dead.write_bytes(b"left by a crash")
     legacy.write_bytes(b"left by an older version")
-    assert repo.tmp.clean() == 2
-    assert live.exists() and not dead.exists() and not legacy.exists()
+    pid1 = repo.tmp.path / "1-0123456789abcdef.worker.tmp"  # an older version's, in a container
+    pid1.write_bytes(b"left by an older version's pid 1")
+    os.utime(pid1, (0, 0))  # long ago: pid 1 always exists, so age decides
+    young = repo.tmp.path / f"{os.getpid()}-0123456789abcdef.worker.tmp"
+    young.write_bytes(b"an older version at work")
+    assert repo.tmp.clean() == 3
+    assert live.exists() and young.exists()
+    assert not dead.exists() and not legacy.exists() and not pid1.exists()
 
 
 def test_a_failing_sync_names_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

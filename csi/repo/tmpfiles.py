@@ -30,6 +30,7 @@ import re
 import secrets
 import struct
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -42,6 +43,8 @@ OWNER_SUFFIX = ".owner"
 #: while that owner lives.
 WORKER_TEMP_SUFFIX = ".worker.tmp"
 _OWNER_ID = re.compile(r"[0-9a-f]{32}")
+#: Seconds a pid-named temp file of an older version is taken as in use while that pid exists.
+LEGACY_MARK_MAX_AGE = 86400.0
 #: The file holding every :class:`KeyLocks` range lock (inside ``LOCKS_DIR``; never cleaned).
 KEY_LOCKS_FILE = "keys.lock"
 
@@ -397,12 +400,19 @@ class TempArea:
         return files, size
 
     def _marked_live(self, name: str) -> bool:
-        """A name ``<owner id>-...`` whose owner lives (or, from an older version, whose
-        ``<pid>-...`` names a process of ours that exists)."""
+        """A name ``<owner id>-...`` whose owner lives. Names ``<pid>-...`` come from older
+        versions: live while such a process exists, but for a day at most (in a container
+        that pid is often 1, which always exists)."""
         head = name.split("-", 1)[0]
         if _OWNER_ID.fullmatch(head):
             return self.owner_alive(head)
-        return head.isdigit() and len(head) < 10 and pid_alive(int(head))
+        if not (head.isdigit() and len(head) < 10 and pid_alive(int(head))):
+            return False
+        try:
+            age = time.time() - os.lstat(self.path / name).st_mtime
+        except FileNotFoundError:
+            return False
+        return age < LEGACY_MARK_MAX_AGE
 
     def clean(self) -> int:
         """Remove temp files and lock files of dead writers (and the owner files of dead
