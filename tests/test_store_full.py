@@ -138,3 +138,26 @@ def test_unpin_on_a_full_disk_keeps_the_error_of_the_block(tmp_path: Path) -> No
 
             s.db.tx = locked_tx  # type: ignore[method-assign]
         s.db.tx = real_tx  # type: ignore[method-assign]
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("processes", [0, 2])
+def test_a_pull_that_fills_the_disk_keeps_what_it_stored(tmp_path: Path, processes: int) -> None:
+    """A pull larger than the disk fails with "no space", and whatever it stored before
+    failing stays: the image is pinned until every download it started has ended, so the
+    no-space GC of the downloads still running cannot collect it under the failing pull."""
+    from csi.fetch import NoSpace, pull
+    from csi.repo import Repository
+    from tests.fetchkit import publish
+
+    repo = Repository(tmp_path / "repo", create=True)
+    files = {f"f{i:03d}": blob(f"big{i}", 512 * 1024) for i in range(96)}  # 48 MiB
+    image = publish(repo, files, "big:v1")
+    with small_tmpfs(tmp_path / "mnt", "16m") as mnt:
+        with pytest.raises(NoSpace):
+            pull("big:v1", str(repo.root), mnt / "store", concurrency=8, processes=processes)
+        with Store(mnt / "store") as s:
+            assert s.has_image(image), "the failed pull's image was collected"
+            stored = len(s.image_objects(image)) - len(s.missing_objects(image))
+            assert stored >= 8, stored  # most of the 16 MiB holds its objects
+            assert temp_files(s.root) == []

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -679,7 +680,8 @@ class RepositoryClient:
                 self._warm_bulk(len(missing))
                 sizes: dict[bytes, int] = {}
                 if missing:
-                    sizes = body_sizes or object_sizes(store.image_path(digest))
+                    # The object file: has_image() checked it (the images/ link may lag).
+                    sizes = body_sizes or object_sizes(store.object_path(digest))
                 total_size = sum(sizes.get(d, 0) for d in objects) if sizes else None
                 prog.set_totals(len(objects), total_size)
                 prog.set_phase("objects")
@@ -787,6 +789,10 @@ class RepositoryClient:
                 for f, (_, task, _) in mine.items():
                     if not f.done():
                         task.interest -= 1
+            # Downloads already running go on to their end (those nobody wants any more are
+            # skipped when they would start). Wait for them: the caller's pin must cover
+            # them, or the room they make on a full disk (GC) could be this very image.
+            futures_wait(mine)
             raise failed
         return fetched, shared, received
 
