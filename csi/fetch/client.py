@@ -14,6 +14,7 @@ backoff and jitter, honouring Retry-After.
 from __future__ import annotations
 
 import logging
+import mmap
 import random
 import threading
 import time
@@ -36,6 +37,7 @@ from csi.store import (
 
 from . import bulk
 from . import metrics as m
+from .body import BodyBuffer
 from .config import RepositoryConfig
 from .errors import (
     Corrupt,
@@ -51,6 +53,7 @@ from .errors import (
 )
 from .images import object_sizes
 from .progress import FetchProgress
+from .quoting import quote, redact
 from .refs import parse_digest, parse_ref_target, validate_ref_name
 from .sources import Source, make_source
 
@@ -252,7 +255,13 @@ class RepositoryClient:
                     if not e.transient:
                         dropped.add(i)
                         prev_reason = None
-                        log.warning("repository %r: %s: %s: %s", self.name, subject, src.label, e)
+                        log.warning(
+                            "repository %r: %s: %s: %s",
+                            self.name,
+                            subject,
+                            src.label,
+                            self._safe(e),
+                        )
                         continue
                     prev_reason = _reason(e)
                     if e.retry_after is not None:
@@ -262,7 +271,7 @@ class RepositoryClient:
                         self.name,
                         subject,
                         src.label,
-                        e,
+                        self._safe(e),
                         round_no + 1,
                         policy.max_attempts,
                     )
@@ -274,10 +283,17 @@ class RepositoryClient:
     def _public_error(self, subject: str, last: dict[int, SourceError]) -> FetchError:
         worst = max(last.values(), key=lambda e: _RANK.get(type(e), 3))
         if len(self.sources) == 1:
-            detail = f"{self.sources[0].label}: {worst}"
+            detail = f"{self.sources[0].label}: {self._safe(worst)}"
         else:
-            detail = "; ".join(f"{self.sources[i].label}: {e}" for i, e in sorted(last.items()))
+            detail = "; ".join(
+                f"{self.sources[i].label}: {self._safe(e)}" for i, e in sorted(last.items())
+            )
         return worst.public(detail, repository=self.name, subject=subject)
+
+    def _safe(self, e: BaseException) -> str:
+        """The text of ``e`` without this repository's credentials (a hostile server may
+        echo them back in anything it sends)."""
+        return redact(str(e), self.config.secrets())
 
     # -- downloading into the store ----------------------------------------------------------
 
@@ -324,7 +340,7 @@ class RepositoryClient:
                     h = digest.hex()
                     if resp.symlink_target.strip() != f"../objects/{h[:2]}/{h[2:]}":
                         raise SourceInvalid(
-                            f"images/{h} is a link to {resp.symlink_target[:100]!r}, "
+                            f"images/{h} is a link to {quote(resp.symlink_target)}, "
                             "not to its object"
                         )
                     src.get(f"objects/{h[:2]}/{h[2:]}", on_data, max_size=max_size)
@@ -555,13 +571,17 @@ class RepositoryClient:
 
     def resolve(self, ref: str) -> bytes:
         """The image digest ``ref`` designates (a digest reference needs no request)."""
-        return self._resolve(ref, None)[0]
+        digest, body, _ = self._resolve(ref, None)
+        if body is not None:
+            body.close()
+        return digest
 
     def _resolve(
         self, ref: str, progress: FetchProgress | None
-    ) -> tuple[bytes, bytes | None, dict[bytes, int] | None]:
-        """(image digest, image bytes, object sizes): the bytes and the sizes (from one
-        validating walk) when the ref was served as the image itself."""
+    ) -> tuple[bytes, mmap.mmap | None, dict[bytes, int] | None]:
+        """(image digest, image bytes, object sizes): the bytes (a mapping the caller closes)
+        and the sizes (from one validating walk) when the ref was served as the image
+        itself."""
         d = parse_digest(ref)
         if d is not None:
             return d, None, None
@@ -572,33 +592,43 @@ class RepositoryClient:
             raise
         relpath = f"images/refs/{ref}"
 
-        def attempt(src: Source) -> tuple[bytes, bytes | None, dict[bytes, int] | None]:
-            buf = bytearray()
+        def attempt(src: Source) -> tuple[bytes, mmap.mmap | None, dict[bytes, int] | None]:
+            buf = BodyBuffer()
 
             def on_data(chunk: bytes) -> None:
-                buf.extend(chunk)
+                buf.write(chunk)
                 if progress is not None:
                     progress.downloaded(len(chunk))
 
-            resp = src.get(
-                relpath, on_data, accept_symlink=True, max_size=self.config.max_image_size
-            )
-            if resp.symlink_target is not None:
-                try:
-                    return parse_ref_target(ref, resp.symlink_target), None, None
-                except ValueError as e:
-                    raise SourceInvalid(str(e)) from None
-            body = bytes(buf)
+            try:
+                resp = src.get(
+                    relpath, on_data, accept_symlink=True, max_size=self.config.max_image_size
+                )
+                if resp.symlink_target is not None:
+                    try:
+                        return parse_ref_target(ref, resp.symlink_target), None, None
+                    except ValueError as e:
+                        raise SourceInvalid(str(e)) from None
+                n = buf.size
+                body = buf.finish()
+            finally:
+                buf.close()
             try:
                 from csi.image.reader import Image
 
+                if body is None:
+                    raise FormatError("empty")
                 sizes = Image(body).object_sizes()  # validates the whole image
+                with memoryview(body) as view:
+                    digest = digest_bytes(view)
             except FormatError as e:
+                if body is not None:
+                    body.close()
                 raise SourceInvalid(
-                    f"answered {len(body)} bytes that are neither a symlink target nor a "
-                    f"composefs image ({e})"
+                    f"answered {n} bytes that are neither a symlink target nor a "
+                    f"composefs image ({quote(str(e))})"
                 ) from None
-            return digest_bytes(body), body, sizes
+            return digest, body, sizes
 
         return self._attempts(f"ref {ref!r}", attempt)
 
@@ -640,6 +670,25 @@ class RepositoryClient:
     ) -> FetchResult:
         t0 = time.monotonic()
         digest, body, body_sizes = self._resolve(ref, prog)
+        try:
+            return self._fetch_resolved(
+                ref, store, prog, with_objects, t0, digest, body, body_sizes
+            )
+        finally:
+            if body is not None:
+                body.close()
+
+    def _fetch_resolved(
+        self,
+        ref: str,
+        store: Store,
+        prog: FetchProgress,
+        with_objects: bool,
+        t0: float,
+        digest: bytes,
+        body: mmap.mmap | None,
+        body_sizes: dict[bytes, int] | None,
+    ) -> FetchResult:
         received = len(body) if body is not None else 0
         h = digest.hex()
         with store.pin([digest]):
@@ -654,7 +703,8 @@ class RepositoryClient:
                     try:
                         # validated by _resolve, which listed its objects on the way
                         known = set(body_sizes) if body_sizes is not None else None
-                        store.add_image_bytes(body, objects=known)
+                        with memoryview(body) as view:
+                            store.add_image_bytes(view, objects=known)
                     except ImageRejected as e:
                         raise Corrupt(str(e), repository=self.name, subject=f"image {h}") from None
                     except StoreFull as e:

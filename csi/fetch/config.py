@@ -84,6 +84,9 @@ class RetryPolicy:
     max_retry_after: float = 60.0
 
 
+#: Default of :attr:`RepositoryConfig.max_image_size`.
+DEFAULT_MAX_IMAGE_SIZE = 256 << 20
+
 #: Repository names (pods choose one by name: volumeAttributes.repository): Kubernetes-style.
 REPOSITORY_NAME_MAX = 63
 _REPOSITORY_NAME = re.compile(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?")
@@ -111,8 +114,11 @@ class RepositoryConfig:
     #: downloads in threads of the calling process; None: two per CPU, at most 8 and at
     #: most ``concurrency``.
     processes: int | None = None
-    #: Largest image (metadata) accepted, bytes.
-    max_image_size: int = 1 << 30
+    #: Largest image (metadata) accepted, bytes (decompressed, if the server compressed it).
+    #: An image takes about 225 bytes per file, directory or link (Debian 12's /usr: 139k
+    #: entries, 31 MB), so the default fits trees of about a million entries, and bounds what
+    #: a broken or hostile server can make the node hold in memory (about twice this).
+    max_image_size: int = DEFAULT_MAX_IMAGE_SIZE
 
     def __post_init__(self) -> None:
         if isinstance(self.urls, str):
@@ -139,6 +145,18 @@ class RepositoryConfig:
             raise ConfigError("retries.max_attempts must be at least 1", repository=self.name)
         if (self.client_key is not None) and self.client_cert is None:
             raise ConfigError("client_key given without client_cert", repository=self.name)
+
+    def secrets(self) -> list[str]:
+        """The credentials as they are now (for redaction; unreadable ones are skipped)."""
+        auth = self.auth
+        try:
+            if isinstance(auth, BearerAuth):
+                return [auth.token()]
+            if isinstance(auth, BasicAuth):
+                return [auth.password()]
+        except ConfigError:
+            pass
+        return []
 
     def __repr__(self) -> str:
         urls = ", ".join(display_url(u) for u in self.urls)

@@ -33,6 +33,7 @@ from .errors import (
     SourceTimeout,
     SourceTransient,
 )
+from .quoting import quote
 from .sources import SYMLINK_CONTENT_TYPE, SYMLINK_MAX, OnData, Response, Source
 
 #: CA bundles tried when none is configured (libcurl in the pycurl wheel looks elsewhere).
@@ -59,15 +60,19 @@ _PROTOCOL = {1, 3}  # unsupported protocol, malformed URL
 class _Transfer:
     """State of one request, fed by libcurl callbacks.
 
-    There is no header callback (about ten calls into Python per object saved): error statuses
-    end the transfer in libcurl (``FAILONERROR``) before any of their body is passed on, and the
-    status, content type and Retry-After are read from libcurl afterwards. A transfer that may
-    be a symlink (``accept_symlink``) keeps its whole body until its content type is known.
+    Object requests have no header callback (about ten calls into Python per object saved):
+    error statuses end the transfer in libcurl (``FAILONERROR``) before any of their body is
+    passed on, and the status, content type and Retry-After are read from libcurl afterwards.
+    A request that may answer with a symlink target (``accept_symlink``: refs, image links)
+    does read its headers: it holds back at most :data:`SYMLINK_MAX` bytes while the answer is
+    a symlink target, and streams anything else on like an object (so an image served as a
+    ref's body is never held twice).
     """
 
     __slots__ = (
         "abort",
         "chunks",
+        "content_type",
         "hold",
         "idle_limit",
         "last_data",
@@ -93,6 +98,16 @@ class _Transfer:
         self.chunks: list[bytes] = []
         self.pending = 0
         self.sink_failed = False
+        self.content_type: str | None = None
+
+    def header(self, line: bytes) -> None:
+        """Header callback of ``accept_symlink`` requests: the last response's content type
+        (a redirect's headers come first and are forgotten at the next status line)."""
+        if line[:5] == b"HTTP/":
+            self.content_type = None
+        elif line[:13].lower() == b"content-type:":
+            value = line[13:].decode("latin-1").split(";")[0].strip().lower()
+            self.content_type = value[:100]
 
     def progress(self, _dltotal: int, dlnow: int, _ultotal: int, _ulnow: int) -> int:
         """Read timeout: abort when no byte arrived for ``idle_limit`` seconds."""
@@ -120,6 +135,11 @@ class _Transfer:
             self.size += len(data)
             if self.max_size is not None and self.size > self.max_size:
                 raise SourceBadResponse(f"body larger than the {self.max_size}-byte limit")
+            if self.hold:
+                if self.content_type != SYMLINK_CONTENT_TYPE:
+                    self.hold = False  # not a symlink target: stream it like any body
+                elif self.size > SYMLINK_MAX:
+                    raise SourceBadResponse(f"symlink target longer than {SYMLINK_MAX} bytes")
             self.chunks.append(data)
             self.pending += len(data)
             if self.pending >= _FLUSH and not self.hold:
@@ -255,6 +275,8 @@ class HttpSource(Source):
         tr = _Transfer(on_data, accept_symlink, max_size, self.config.timeouts.read)
         c.setopt(pycurl.URL, self.base + urllib.parse.quote(relpath, safe="/:@+=-._~"))
         c.setopt(pycurl.WRITEFUNCTION, tr.write)
+        if accept_symlink:
+            c.setopt(pycurl.HEADERFUNCTION, tr.header)
         if progress:
             c.setopt(pycurl.XFERINFOFUNCTION, tr.progress)
         return tr
@@ -283,9 +305,7 @@ class HttpSource(Source):
         if not tr.hold:
             return Response(tr.size)
         data = tr.body()
-        if _content_type(c) == SYMLINK_CONTENT_TYPE:
-            if len(data) > SYMLINK_MAX:
-                raise SourceBadResponse(f"symlink target longer than {SYMLINK_MAX} bytes")
+        if tr.content_type == SYMLINK_CONTENT_TYPE:
             return Response(len(data), data.decode("utf-8", "replace"))  # "" is rejected later
         if data:
             tr.on_data(data)
@@ -406,6 +426,7 @@ def _reset(c: pycurl.Curl) -> None:
     """Drop the handle's references to its last transfer (and what its callbacks hold)."""
     c.setopt(pycurl.WRITEFUNCTION, _noop_write)
     c.setopt(pycurl.XFERINFOFUNCTION, _noop_progress)
+    c.unsetopt(pycurl.HEADERFUNCTION)
 
 
 def _noop_write(_data: bytes) -> int | None:
@@ -426,14 +447,6 @@ def _system_ca() -> str | None:
     return None
 
 
-def _content_type(c: pycurl.Curl) -> str | None:
-    """Media type of the last response, lower case, parameters dropped."""
-    raw = c.getinfo_raw(pycurl.CONTENT_TYPE)
-    if not isinstance(raw, bytes):
-        return None
-    return raw.decode("latin-1").split(";")[0].strip().lower()
-
-
 def _status_error(c: pycurl.Curl) -> SourceError:
     """The error for the last response's status (not 200)."""
     status = int(c.getinfo(pycurl.RESPONSE_CODE))
@@ -449,8 +462,10 @@ def _status_error(c: pycurl.Curl) -> SourceError:
     return SourceBadResponse(f"unexpected HTTP status {status}")
 
 
-def _curl_error(code: int, msg: str) -> SourceError:
-    # libcurl messages name host and port at most; URLs never carry credentials here.
+def _curl_error(code: int, message: str) -> SourceError:
+    # libcurl's message may carry what the server sent (a redirect's location, a host name
+    # from it): quoted, bounded and without URL credentials.
+    msg = quote(message)
     if code in _TIMEOUTS:
         return SourceTimeout(f"timed out ({msg})")
     if code in _TLS_PERMANENT:

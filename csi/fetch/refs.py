@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 
 from .errors import InvalidReference
+from .quoting import quote
 
 REF_MAX = 255
 REF_DEPTH_MAX = 8
@@ -60,10 +61,10 @@ def parse_ref_target(name: str, target: str) -> bytes:
     text = target.strip()
     m = _LINK.fullmatch(text)
     if m is None:
-        raise ValueError(f"symlink target {text[:100]!r} is not ../<64 hex>")
+        raise ValueError(f"symlink target {quote(text)} is not ../<64 hex>")
     depth = name.count("/") + 1
     if len(m.group(1)) != 3 * depth:
         raise ValueError(
-            f"symlink target {text[:100]!r} does not point into images/ from refs/{name}"
+            f"symlink target {quote(text)} does not point into images/ from refs/{name}"
         )
     return bytes.fromhex(m.group(2))

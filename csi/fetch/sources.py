@@ -17,11 +17,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from csi.repo.beneath import open_beneath, readlink_beneath
+
 from .config import RepositoryConfig, display_url
 from .errors import (
     SourceBadResponse,
     SourceDenied,
     SourceError,
+    SourceInvalid,
     SourceNotFound,
     SourceTransient,
 )
@@ -64,7 +67,12 @@ class Source(ABC):
 
 
 class FileSource(Source):
-    """A repository directory on a local (or network-mounted) filesystem."""
+    """A repository directory on a local (or network-mounted) filesystem.
+
+    Nothing outside the directory is ever read: paths are resolved beneath it
+    (:func:`csi.repo.beneath.open_beneath`), so a symlink inside the repository that points
+    elsewhere (``images/refs/ns -> /etc``) is an error, not a way to read the node's files.
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -78,19 +86,24 @@ class FileSource(Source):
         accept_symlink: bool = False,
         max_size: int | None = None,
     ) -> Response:
-        path = self.root / relpath
+        try:
+            root_fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise _os_error(e, ".") from None
         try:
             if accept_symlink:
                 try:
-                    target = os.readlink(path)
+                    target = readlink_beneath(root_fd, relpath)
                 except OSError as e:
                     if e.errno != errno.EINVAL:  # EINVAL: not a symlink, read it below
                         raise
                 else:
                     return Response(len(target), target)
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = open_beneath(root_fd, relpath, os.O_RDONLY)
         except OSError as e:
             raise _os_error(e, relpath) from None
+        finally:
+            os.close(root_fd)
         total = 0
         try:
             with os.fdopen(fd, "rb", buffering=0) as f:
@@ -112,7 +125,9 @@ class FileSource(Source):
 
 def _os_error(e: OSError, relpath: str) -> SourceError:
     what = e.strerror or e.__class__.__name__
-    if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EISDIR):
+    if e.errno in (errno.EXDEV, errno.ELOOP):
+        return SourceInvalid("refused: a symlink on the way leads outside the repository directory")
+    if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR):
         return SourceNotFound(f"not found ({what})")
     if e.errno in (errno.EACCES, errno.EPERM):
         return SourceDenied(f"permission denied ({what})")

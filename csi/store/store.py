@@ -536,7 +536,9 @@ class Store:
                 self.db.record_image(cur, digest, refs)
             self.repo.link_image(digest)
 
-    def add_image_bytes(self, data: bytes, *, objects: set[bytes] | None = None) -> bytes:
+    def add_image_bytes(
+        self, data: bytes | memoryview, *, objects: set[bytes] | None = None
+    ) -> bytes:
         """Validate, store and record an image (and the objects it references).
 
         ``objects``: the image's object digests, from a caller in this process that has just
@@ -544,7 +546,7 @@ class Store:
         from a symlink answer); the image is then not walked a second time.
         """
         digest = digest_bytes(data)
-        refs = set(objects) if objects is not None else self._parse(data)
+        refs = set(objects) if objects is not None else self._parse(bytes(data))
 
         def fill(w: ObjectWriter) -> None:
             w.write(data)
