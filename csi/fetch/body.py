@@ -1,10 +1,10 @@
 """A response body kept in memory once: an image served as a ref's body.
 
 The image must be read whole (it is validated, hashed and stored), so it is held, but only
-once: :class:`BodyBuffer` appends each piece into an anonymous mapping that grows in place
-(private anonymous memory, grown by ``mremap``: no copy), and the reader (:class:`csi.image.reader.Image`), the hash and the
-store all read that mapping itself. A server that sends more than the image limit is cut off
-by the transfer before the buffer holds more than that.
+once: :class:`BodyBuffer` appends each piece into private anonymous memory that grows in
+place (``mremap``: no copy), and the reader (:class:`csi.image.reader.Image`), the hash and
+the store all read that mapping itself. A server that sends more than the image limit is cut
+off by the transfer before the buffer holds more than that.
 """
 
 from __future__ import annotations
