@@ -30,6 +30,11 @@ Example (every key optional except ``repositories``)::
       mount_options: [ro, nosuid, nodev, allow_other]   # of the node-wide FUSE mount
     metrics:
       address: ":9809"                  # node plugin / controller metrics ("" disables)
+    node:
+      kubelet_dir: /var/lib/kubelet     # the node plugin mounts only under it
+    controller:
+      enabled: true                     # a controller serves this driver (both processes then
+                                        # report CONTROLLER_SERVICE in their capabilities)
 
 Unknown keys are errors, so a typo fails at start-up with a message naming the key.
 """
@@ -101,6 +106,12 @@ class DataPlaneConfig:
     mount_options: tuple[str, ...] = ("ro", "nosuid", "nodev", "allow_other")
 
 
+@dataclass(frozen=True)
+class NodeConfig:
+    #: kubelet's root directory: targets and staging paths must lie under it.
+    kubelet_dir: Path = Path("/var/lib/kubelet")
+
+
 @dataclass(frozen=True, slots=True)
 class DriverConfig:
     repositories: dict[str, RepositoryConfig]
@@ -110,6 +121,10 @@ class DriverConfig:
     metrics_address: str = ":9809"
     rpc_wait: float = 100.0
     fetch_concurrency: int = 16
+    node: NodeConfig = field(default_factory=NodeConfig)
+    #: A controller is deployed for this driver: the plugin's capabilities include
+    #: CONTROLLER_SERVICE, whichever of its processes is asked.
+    controller_enabled: bool = True
 
     def repository(self, name: str | None) -> RepositoryConfig:
         """The repository a volume asks for by name (None: the default). KeyError if unknown."""
@@ -144,7 +159,16 @@ def config_from_dict(raw: object) -> DriverConfig:
     top = _mapping(raw, "configuration")
     _take(
         top,
-        {"repositories", "default_repository", "store", "fetch", "dataplane", "metrics"},
+        {
+            "repositories",
+            "default_repository",
+            "store",
+            "fetch",
+            "dataplane",
+            "metrics",
+            "node",
+            "controller",
+        },
         "configuration",
     )
     fetch = _mapping(top.get("fetch"), "fetch")
@@ -207,6 +231,16 @@ def config_from_dict(raw: object) -> DriverConfig:
     )
     metrics = _mapping(top.get("metrics"), "metrics")
     _take(metrics, {"address"}, "metrics")
+    node_d = _mapping(top.get("node"), "node")
+    _take(node_d, {"kubelet_dir"}, "node")
+    kubelet_dir = str(node_d.get("kubelet_dir", NodeConfig.kubelet_dir))
+    if not kubelet_dir.startswith("/") or kubelet_dir.rstrip("/") == "":
+        raise ConfigError(f"node.kubelet_dir: expected an absolute directory, got {kubelet_dir!r}")
+    controller_d = _mapping(top.get("controller"), "controller")
+    _take(controller_d, {"enabled"}, "controller")
+    enabled = controller_d.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"controller.enabled: expected true or false, got {enabled!r}")
     return DriverConfig(
         repositories=repositories,
         default_repository=default,
@@ -215,6 +249,8 @@ def config_from_dict(raw: object) -> DriverConfig:
         metrics_address=str(metrics.get("address", ":9809")),
         rpc_wait=rpc_wait,
         fetch_concurrency=int(fetch.get("concurrency", 16)),
+        node=NodeConfig(kubelet_dir=Path(kubelet_dir)),
+        controller_enabled=enabled,
     )
 
 

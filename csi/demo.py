@@ -191,6 +191,8 @@ dataplane:
   metrics_address: "127.0.0.1:{_free_port()}"
 metrics:
   address: "127.0.0.1:{metrics_port}"
+node:
+  kubelet_dir: {work}/kubelet  # targets must lie under kubelet's directory
 """
     )
     print(config.read_text())

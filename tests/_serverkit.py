@@ -165,6 +165,8 @@ def driver_config(
         "fetch": {"rpc_wait": rpc_wait, "concurrency": 8},
         "dataplane": {"mountpoint": str(work / "mnt"), "socket": str(work / "dataplane.sock")},
         "metrics": {"address": ""},
+        # Targets and staging paths of these tests lie under the work directory.
+        "node": {"kubelet_dir": str(work)},
     }
     if extra:
         raw.update(extra)

@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from csi.server.errors import CsiError
-from csi.server.mounts import ensure_dir
+from csi.server.targets import Places
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,10 +33,13 @@ def test_demo_runs_end_to_end() -> None:
 
 
 def test_missing_target_parent_is_the_callers_error(tmp_path: Path) -> None:
+    places = Places(tmp_path, forbidden=[])
     with pytest.raises(CsiError) as e:
-        ensure_dir(tmp_path / "no-such-parent" / "mount")
+        places.open_target(places.target(str(tmp_path / "no-such-parent" / "mount")), create=True)
     assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
     assert "parent directory" in e.value.message
-    ensure_dir(tmp_path / "mount")
-    ensure_dir(tmp_path / "mount")  # idempotent
+    for made in (True, False):  # idempotent: made once, then found
+        t = places.open_target(places.target(str(tmp_path / "mount")), create=True)
+        assert t.created is made
+        t.close()
     assert (tmp_path / "mount").is_dir()

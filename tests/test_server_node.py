@@ -77,7 +77,10 @@ def test_identity(node: Node, images: tuple[Path, list[RepoImage]]) -> None:
     assert info.name == "csi.composefs.io"
     assert info.vendor_version
     caps = node.stubs.identity.GetPluginCapabilities(pb.GetPluginCapabilitiesRequest())
-    assert list(caps.capabilities) == []  # the node plugin serves no controller
+    # The plugin's capabilities, whichever process answers: a controller serves this driver
+    # (controller.enabled, true by default), even if not on this socket.
+    service = pb.PluginCapability.Service
+    assert [c.service.type for c in caps.capabilities] == [service.CONTROLLER_SERVICE]
     probe = node.stubs.identity.Probe(pb.ProbeRequest())
     assert probe.ready.value is True
     node.dataplane.stop()
@@ -164,6 +167,7 @@ def test_missing_fields_and_errors(node: Node, images: tuple[Path, list[RepoImag
     img = images[1][0]
     n = node.stubs.node
     t = node.target("errs")
+    s = str(node.work / "s")  # a staging path under kubelet's directory (node.work here)
     ctx = {**POD_INFO, "image": img.name}
     cases: list[tuple[Any, Any, grpc.StatusCode]] = [
         (n.NodePublishVolume, publish_request("", t, ctx), INVALID),
@@ -216,7 +220,7 @@ def test_missing_fields_and_errors(node: Node, images: tuple[Path, list[RepoImag
         ),
         (
             n.NodeStageVolume,
-            pb.NodeStageVolumeRequest(staging_target_path="/s", volume_capability=MOUNT_CAP),
+            pb.NodeStageVolumeRequest(staging_target_path=s, volume_capability=MOUNT_CAP),
             INVALID,
         ),
         (
@@ -226,24 +230,48 @@ def test_missing_fields_and_errors(node: Node, images: tuple[Path, list[RepoImag
         ),
         (
             n.NodeStageVolume,
-            pb.NodeStageVolumeRequest(volume_id="v", staging_target_path="/s"),
+            pb.NodeStageVolumeRequest(volume_id="v", staging_target_path=s),
             INVALID,
         ),
         (
             n.NodeStageVolume,
             pb.NodeStageVolumeRequest(
                 volume_id="cfs1:aaaaaaaa:e:local:bad",
-                staging_target_path="/s",
+                staging_target_path=s,
                 volume_capability=MOUNT_CAP,
             ),
             grpc.StatusCode.NOT_FOUND,
         ),
-        (n.NodeUnstageVolume, pb.NodeUnstageVolumeRequest(staging_target_path="/s"), INVALID),
+        (n.NodeUnstageVolume, pb.NodeUnstageVolumeRequest(staging_target_path=s), INVALID),
         (n.NodeUnstageVolume, pb.NodeUnstageVolumeRequest(volume_id="v"), INVALID),
         (
             n.NodeUnstageVolume,
-            pb.NodeUnstageVolumeRequest(volume_id="v", staging_target_path="/s"),
+            pb.NodeUnstageVolumeRequest(volume_id="v", staging_target_path=s),
             OK,
+        ),
+        # paths outside kubelet's directory: refused (stats: NOT_FOUND, the spec's code)
+        (n.NodePublishVolume, publish_request("v", Path("/etc"), ctx), INVALID),
+        (
+            n.NodeUnpublishVolume,
+            pb.NodeUnpublishVolumeRequest(volume_id="v", target_path=str(node.work.parent)),
+            INVALID,
+        ),
+        (
+            n.NodeStageVolume,
+            pb.NodeStageVolumeRequest(
+                volume_id="v", staging_target_path="/s", volume_capability=MOUNT_CAP
+            ),
+            INVALID,
+        ),
+        (
+            n.NodeGetVolumeStats,
+            pb.NodeGetVolumeStatsRequest(volume_id="v", volume_path="/etc"),
+            grpc.StatusCode.NOT_FOUND,
+        ),
+        (
+            n.NodeGetVolumeStats,
+            pb.NodeGetVolumeStatsRequest(volume_id="v", volume_path="relative/path"),
+            grpc.StatusCode.NOT_FOUND,
         ),
         (n.NodeGetVolumeStats, pb.NodeGetVolumeStatsRequest(volume_path=str(t)), INVALID),
         (n.NodeGetVolumeStats, pb.NodeGetVolumeStatsRequest(volume_id="v"), INVALID),

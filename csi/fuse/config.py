@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,8 +13,17 @@ from csi.fetch.config import RepositoryConfig
 #: Mount options used unless the configuration says otherwise.
 DEFAULT_MOUNT_OPTIONS: tuple[str, ...] = ("ro", "nosuid", "nodev", "allow_other")
 
-#: Name shown as the mount source and subtype (``findmnt`` shows ``fuse.composefs-csi``).
+#: The mount's subtype (``findmnt`` shows ``fuse.composefs-csi``) and its source's prefix.
 FSNAME = "composefs-csi"
+
+
+def mount_source(mountpoint: str | os.PathLike[str]) -> str:
+    """The source the data plane serving ``mountpoint`` gives its mount (and so every bind of
+    a view): ``composefs-csi:<12 hex of the mountpoint's SHA-256>``. The node plugin knows
+    its own mounts by it: another driver's FUSE mounts, or another install's, are not
+    touched."""
+    key = hashlib.sha256(os.fsencode(os.path.abspath(mountpoint))).hexdigest()[:12]
+    return f"{FSNAME}:{key}"
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from csi.image.reader import Image
 from csi.repo import layout
 
 from . import mounting
-from .config import FSNAME, DataPlaneConfig
+from .config import FSNAME, DataPlaneConfig, mount_source
 from .control import ControlError, get_bool, get_str, serve_connection
 from .fs import DataPlaneFS
 from .inodes import MAX_LAYERS, ROOT_INO
@@ -44,7 +44,7 @@ def view_key(digests: Sequence[bytes], composition: bool) -> str:
 
 
 def fuse_options(config: DataPlaneConfig) -> set[str]:
-    opts = {f"fsname={FSNAME}", f"subtype={FSNAME}", "default_permissions"}
+    opts = {f"fsname={mount_source(config.mountpoint)}", f"subtype={FSNAME}", "default_permissions"}
     opts.update(config.mount_options)
     return opts
 

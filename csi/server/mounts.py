@@ -9,7 +9,10 @@ import errno
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
+
+from csi.fuse.config import FSNAME
+
+from .targets import OpenedTarget
 
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
@@ -123,17 +126,31 @@ def _check(rc: int, what: str, path: str | os.PathLike[str]) -> None:
         raise OSError(err, f"{what} {os.fspath(path)!r}: {os.strerror(err)}", os.fspath(path))
 
 
-def bind_mount_ro(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
-    """Bind ``source`` at ``target``, then make that mount read-only, nosuid and nodev."""
+def bind_mount_ro(source: str | os.PathLike[str], target: OpenedTarget) -> None:
+    """Bind ``source`` onto the target directory reached by ``target`` (its descriptor, so
+    no symlink can redirect the mount), then make that mount read-only, nosuid and nodev."""
     src = os.fsencode(source)
-    tgt = os.fsencode(target)
-    _check(_libc.mount(src, tgt, None, MS_BIND, None), "bind mount onto", target)
-    flags = MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV
-    rc = _libc.mount(None, tgt, None, flags, None)
-    if rc != 0:
+    at = f"/proc/self/fd/{target.fd}".encode()
+    if _libc.mount(src, at, None, MS_BIND, None) != 0:
         err = ctypes.get_errno()
-        _libc.umount2(tgt, MNT_DETACH)
-        raise OSError(err, f"read-only remount of {os.fspath(target)!r}: {os.strerror(err)}")
+        what = "bind mount of" if err in BROKEN_ERRNOS else "bind mount onto"
+        where = os.fspath(source) if err in BROKEN_ERRNOS else target.path
+        raise OSError(err, f"{what} {where!r}: {os.strerror(err)}", where)
+    top = target.reopen()  # the new mount's root, for the remount
+    try:
+        flags = MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV
+        if _libc.mount(None, f"/proc/self/fd/{top}".encode(), None, flags, None) != 0:
+            err = ctypes.get_errno()
+            _libc.umount2(f"/proc/self/fd/{top}".encode(), MNT_DETACH)
+            raise OSError(err, f"read-only remount of {target.path!r}: {os.strerror(err)}")
+    finally:
+        os.close(top)
+
+
+def is_ours(mount: MountInfo, source: str) -> bool:
+    """A mount of the data plane whose mount source is ``source``
+    (:func:`csi.fuse.config.mount_source`), or a bind of one of its views."""
+    return mount.fstype == f"fuse.{FSNAME}" and mount.source == source
 
 
 def unmount(target: str | os.PathLike[str], *, lazy: bool = False) -> bool:
@@ -156,34 +173,25 @@ def unmount(target: str | os.PathLike[str], *, lazy: bool = False) -> bool:
     raise OSError(err, f"unmount {os.fspath(target)!r}: {os.strerror(err)}", os.fspath(target))
 
 
-def unmount_all(target: str | os.PathLike[str]) -> int:
-    """Unmount every mount stacked at ``target``; returns how many were removed."""
+def unmount_ours(target: str, source: str) -> int:
+    """Unmount the mounts of ours (:func:`is_ours`) stacked at ``target``, top first, and
+    stop at the first that is not ours. Returns how many were removed."""
     n = 0
-    while mounts_at(target):
+    while True:
+        stack = mounts_at(target)
+        if not stack or not is_ours(stack[-1], source):
+            return n
         if not unmount(target, lazy=True):
-            break
+            return n
         n += 1
-    return n
+
+
+def foreign_mounts(target: str, source: str) -> list[MountInfo]:
+    """The mounts at ``target`` that are not ours."""
+    return [m for m in mounts_at(target) if not is_ours(m, source)]
 
 
 def remove_dir(path: str | os.PathLike[str]) -> None:
     """Remove the (empty) directory we created at ``path``; absent is fine."""
     with contextlib.suppress(FileNotFoundError):
         os.rmdir(path)
-
-
-def ensure_dir(path: Path) -> None:
-    """Create the target directory. Its parent is the CO's to create (CSI spec): a missing
-    parent is the caller's error, reported as such."""
-    from .errors import precondition
-
-    try:
-        path.mkdir(mode=0o750)
-    except FileExistsError:
-        if not path.is_dir() and not is_broken(path):
-            raise
-    except FileNotFoundError:
-        raise precondition(
-            f"the parent directory of target path {path} does not exist "
-            "(the container orchestrator creates it before publishing)"
-        ) from None

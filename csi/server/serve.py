@@ -21,6 +21,7 @@ from typing import Any
 import grpc
 
 from csi.config import DriverConfig, load_config
+from csi.fuse.config import mount_source
 from csi.store import Store
 
 from .catalog import RepositoryCatalog
@@ -35,6 +36,7 @@ from .probes import dataplane_answers, fuse_usable, store_writable
 from .proto import csi_pb2_grpc as rpc
 from .provisioner import AnnotationReader, Provisioner
 from .state import NodeState
+from .targets import Places
 from .volumes import ReconcileReport, VolumeManager
 
 log = logging.getLogger(__name__)
@@ -133,6 +135,11 @@ def build_node(
         repositories=list(config.repositories),
         default_repository=config.default_repository,
         rpc_wait=config.rpc_wait,
+        places=Places(
+            config.node.kubelet_dir,
+            forbidden=[config.store.path, config.dataplane.mountpoint],
+        ),
+        mount_source=mount_source(config.dataplane.mountpoint),
         max_fetch_jobs=max(1, config.fetch_concurrency // 2),
     )
     report = manager.reconcile()
@@ -150,7 +157,8 @@ def build_node(
     if check_fuse:
         checks.insert(1, fuse_usable())
     server = _grpc_server(max_workers)
-    rpc.add_IdentityServicer_to_server(IdentityService(controller=False, checks=checks), server)
+    identity = IdentityService(controller=config.controller_enabled, checks=checks)
+    rpc.add_IdentityServicer_to_server(identity, server)
     rpc.add_NodeServicer_to_server(NodeService(manager, node_id), server)
     sock, address = _prepare_socket(endpoint)
     server.add_insecure_port(address)

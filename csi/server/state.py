@@ -36,7 +36,8 @@ CREATE TABLE IF NOT EXISTS targets (
     view_key     TEXT,
     view_path    TEXT,
     state        TEXT NOT NULL,          -- 'publishing' | 'published' | 'unpublishing'
-    created      REAL NOT NULL
+    created      REAL NOT NULL,
+    made_dir     INTEGER NOT NULL DEFAULT 1  -- the plugin created the target directory
 );
 CREATE INDEX IF NOT EXISTS targets_by_volume ON targets(volume_id);
 """
@@ -64,6 +65,8 @@ class TargetRecord:
     view_key: str | None
     view_path: str | None
     state: str
+    #: The plugin created the directory (so it removes it when unpublishing, and only then).
+    made_dir: bool = True
 
 
 def _volume(row: tuple[object, ...]) -> VolumeRecord:
@@ -86,7 +89,15 @@ def _target(row: tuple[object, ...]) -> TargetRecord:
         view_key=None if row[2] is None else str(row[2]),
         view_path=None if row[3] is None else str(row[3]),
         state=str(row[4]),
+        made_dir=bool(row[6]),
     )
+
+
+def _setup(c: sqlite3.Connection) -> None:
+    c.executescript(_SCHEMA)
+    columns = {str(r[1]) for r in c.execute("PRAGMA table_info(targets)")}
+    if "made_dir" not in columns:  # a state file of an older version: it made every target
+        c.execute("ALTER TABLE targets ADD COLUMN made_dir INTEGER NOT NULL DEFAULT 1")
 
 
 class NodeState:
@@ -96,9 +107,7 @@ class NodeState:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._mu = threading.Lock()
-        self._db = open_database(
-            self.path, synchronous="FULL", setup=lambda c: c.executescript(_SCHEMA)
-        )
+        self._db = open_database(self.path, synchronous="FULL", setup=_setup)
 
     def close(self) -> None:
         with self._mu:
@@ -169,11 +178,12 @@ class NodeState:
             )
         return [_target(r) for r in rows]
 
-    def put_target(self, target_path: str, volume_id: str, state: str) -> None:
+    def put_target(self, target_path: str, volume_id: str, state: str, *, made_dir: bool) -> None:
         with self._tx() as cur:
             cur.execute(
-                "INSERT OR REPLACE INTO targets VALUES (?, ?, NULL, NULL, ?, ?)",
-                (target_path, volume_id, state, time.time()),
+                "INSERT OR REPLACE INTO targets (target_path, volume_id, view_key, view_path, "
+                "state, created, made_dir) VALUES (?, ?, NULL, NULL, ?, ?, ?)",
+                (target_path, volume_id, state, time.time(), int(made_dir)),
             )
 
     def set_target_view(self, target_path: str, key: str, path: str) -> None:

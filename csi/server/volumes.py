@@ -39,6 +39,7 @@ from .fetcher import Fetcher, FetchJobs
 from .imageinfo import ImageSize, SizeCache
 from .locks import KeyedLocks
 from .state import NodeState, TargetRecord, VolumeRecord
+from .targets import Places
 from .volumeid import PinnedSpec
 
 log = logging.getLogger(__name__)
@@ -53,12 +54,6 @@ def lease_holder(volume_id: str) -> str:
 
 def view_holder(target: str) -> str:
     return VIEW_PREFIX + target
-
-
-def normalize_path(path: str) -> str:
-    if not path.startswith("/"):
-        raise invalid(f"path {path[:200]!r} must be absolute")
-    return os.path.normpath(path)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,9 +85,16 @@ class VolumeManager:
         repositories: Sequence[str],
         default_repository: str,
         rpc_wait: float,
+        places: Places,
+        mount_source: str,
         max_fetch_jobs: int = 8,
     ) -> None:
+        """``places``: where targets and staging paths may be; ``mount_source``: the source of
+        the data plane's mount (:func:`csi.fuse.config.mount_source`): the only mounts this
+        manager ever removes are those with it."""
         self.store = store
+        self.places = places
+        self.mount_source = mount_source
         self.dataplane = dataplane
         self.fetcher = fetcher
         self.state = state
@@ -193,7 +195,7 @@ class VolumeManager:
     # -- stage / unstage -------------------------------------------------------------------
 
     def stage(self, volume_id: str, staging_path: str, context: Mapping[str, str]) -> None:
-        staging = normalize_path(staging_path)
+        staging = self.places.staging(staging_path)
         with self.volume_locks.hold(volume_id):
             vol = self.state.volume(volume_id)
             if vol is not None and vol.state == "ready":
@@ -215,7 +217,7 @@ class VolumeManager:
             self._update_gauges()
 
     def unstage(self, volume_id: str, staging_path: str) -> None:
-        staging = normalize_path(staging_path)
+        staging = self.places.staging(staging_path)
         with self.volume_locks.hold(volume_id):
             vol = self.state.volume(volume_id)
             if vol is None or vol.ephemeral or vol.staging_path != staging:
@@ -242,7 +244,7 @@ class VolumeManager:
         staging_path: str,
         context: Mapping[str, str],
     ) -> None:
-        target = normalize_path(target_path)
+        target = self.places.target(target_path)
         ephemeral = a.pod_info(context).ephemeral or (
             not staging_path and not volumeid.is_ours(volume_id)
         )
@@ -272,7 +274,7 @@ class VolumeManager:
                         "staging_target_path missing: this plugin stages persistent volumes "
                         "(NodeStageVolume) before publishing them"
                     )
-                staging = normalize_path(staging_path)
+                staging = self.places.staging(staging_path)
                 vol = self.state.volume(volume_id)
                 if vol is None or vol.state != "ready" or vol.staging_path != staging:
                     raise precondition(f"volume {volume_id!r} is not staged at {staging!r}")
@@ -341,13 +343,13 @@ class VolumeManager:
             raise CsiError(grpc.StatusCode.UNAVAILABLE, str(e)) from e
 
     def _mount_target(self, volume_id: str, target: str, spec: PinnedSpec) -> None:
-        self.state.put_target(target, volume_id, "publishing")
+        # Recorded before anything is made: the directory is ours if it is not there yet.
+        self.state.put_target(target, volume_id, "publishing", made_dir=not os.path.lexists(target))
         try:
             view = self._add_view(spec, target)
             self.state.set_target_view(target, view.key, str(view.path))
             self._clear_target(target)
-            mounts.ensure_dir(Path(target))
-            mounts.bind_mount_ro(view.path, target)
+            self._bind(view.path, target)
             self.state.set_target_state(target, "published")
         except BaseException:
             rec = self.state.target(target)
@@ -355,17 +357,34 @@ class VolumeManager:
                 self._undo_target(rec)
             raise
 
+    def _bind(self, view_path: Path, target: str) -> None:
+        """Bind the view at ``target`` (made if missing), reached without following links."""
+        opened = self.places.open_target(target, create=True)
+        try:
+            mounts.bind_mount_ro(view_path, opened)
+        finally:
+            opened.close()
+
     def _clear_target(self, target: str) -> None:
-        """Unmount whatever a lost record left at ``target`` (broken mounts included)."""
-        if mounts.mounts_at(target):
-            mounts.unmount_all(target)
+        """Unmount what mounts of ours a lost record left at ``target`` (dead ones included).
+        Anyone else's mount there is left alone, and the publish refused."""
+        foreign = mounts.foreign_mounts(target, self.mount_source)
+        if foreign:
+            m = foreign[-1]
+            raise precondition(
+                f"target {target} already has a mount that is not this driver's "
+                f"({m.fstype[:40]} from {m.source[:80]!r}): refusing to mount over it"
+            )
+        mounts.unmount_ours(target, self.mount_source)
 
     def _undo_target(self, rec: TargetRecord) -> None:
-        """Unmount, remove the directory, drop the view hold, forget the target."""
+        """Unmount our mounts, remove the directory if we made it, drop the view hold,
+        forget the target."""
         self.state.set_target_state(rec.target_path, "unpublishing")
-        mounts.unmount_all(rec.target_path)
-        with contextlib.suppress(OSError):
-            mounts.remove_dir(rec.target_path)
+        mounts.unmount_ours(rec.target_path, self.mount_source)
+        if rec.made_dir and not mounts.mounts_at(rec.target_path):
+            with contextlib.suppress(OSError, CsiError):
+                self.places.remove_dir(rec.target_path)
         if rec.view_key is not None:
             try:
                 self.dataplane.remove_view(rec.view_key, view_holder(rec.target_path))
@@ -387,14 +406,13 @@ class VolumeManager:
         spec = PinnedSpec(vol.repository, vol.images, vol.lazy)
         view = self._add_view(spec, rec.target_path)
         self.state.set_target_view(rec.target_path, view.key, str(view.path))
-        mounts.unmount_all(rec.target_path)
-        mounts.ensure_dir(Path(rec.target_path))
-        mounts.bind_mount_ro(view.path, rec.target_path)
+        self._clear_target(rec.target_path)
+        self._bind(view.path, rec.target_path)
         m.MOUNTS_REPAIRED.inc()
         log.info("repaired the mount of volume %s at %s", rec.volume_id, rec.target_path)
 
     def unpublish(self, volume_id: str, target_path: str) -> None:
-        target = normalize_path(target_path)
+        target = self.places.target(target_path)
         with self.target_locks.hold(target), self.volume_locks.hold(volume_id):
             rec = self.state.target(target)
             if rec is None:
@@ -410,18 +428,25 @@ class VolumeManager:
             self._update_gauges()
 
     def _unpublish_unknown(self, target: str) -> None:
-        """No record: remove a broken or leftover mount of ours and the directory, if any."""
-        for mi in mounts.mounts_at(target):
-            if mounts.is_broken(target) or mi.fstype.startswith("fuse.composefs"):
-                mounts.unmount(target, lazy=True)
-        if not mounts.mounts_at(target):
-            with contextlib.suppress(OSError):
-                mounts.remove_dir(target)
+        """No record: unmount what mounts of ours are there (a record lost with a state
+        file); nothing else. The directory stays: nothing proves this plugin made it (kubelet
+        removes it after a successful unpublish)."""
+        n = mounts.unmount_ours(target, self.mount_source)
+        if n:
+            log.info("unpublish of %s: removed %d mount(s) of ours it had no record of", target, n)
+        foreign = mounts.foreign_mounts(target, self.mount_source)
+        if foreign:
+            log.warning(
+                "unpublish of %s: left %d mount(s) that are not this driver's (%s)",
+                target,
+                len(foreign),
+                foreign[-1].fstype[:40],
+            )
 
     # -- stats -----------------------------------------------------------------------------
 
     def stats(self, volume_id: str, volume_path: str) -> VolumeStats:
-        path = normalize_path(volume_path)
+        path = self.places.volume_path(volume_path)
         vol = self.state.volume(volume_id)
         rec = self.state.target(path)
         is_target = rec is not None and rec.volume_id == volume_id and rec.state == "published"

@@ -171,6 +171,8 @@ app.kubernetes.io/component: {{ index . 1 }}
     "open_files" $v.dataplane.openFiles
     "mount_options" $v.dataplane.mountOptions)
   "metrics" (dict "address" (printf ":%d" (int (ternary $v.controller.metricsPort $v.node.metricsPort (eq $role "controller")))))
+  "node" (dict "kubelet_dir" (include "composefs-csi.kubeletDir" $))
+  "controller" (dict "enabled" (ternary true false (and $v.controller.enabled true)))
 -}}
 {{- toYaml $cfg -}}
 {{- end -}}
