@@ -183,6 +183,7 @@ class RepositoryClient:
             else None
         )
         self.bulk_min_objects = BULK_MIN_OBJECTS
+        m.init_repository(self.name)
         # The two counters every stored object moves (labels() looks up and locks each time).
         self._bytes_ok = m.BYTES.labels(self.name, "ok")
         self._objects_ok = m.OBJECTS.labels(self.name, "ok")

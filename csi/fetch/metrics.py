@@ -50,6 +50,25 @@ DURATION = Histogram(
     registry=REGISTRY,
 )
 
+#: The label values the client uses (besides the repository's name).
+RESULTS = ("ok", "not_found", "corrupt", "error")
+RETRY_REASONS = ("connection", "timeout", "http_5xx", "http_429", "http_408", "corrupt")
+
+
+def init_repository(name: str) -> None:
+    """Give a repository's series their known label sets at zero, so dashboards show 0 for
+    an idle repository rather than "No data"."""
+    for result in ("ok", "corrupt", "error"):
+        BYTES.labels(name, result)
+    for result in RESULTS:
+        OBJECTS.labels(name, result)
+    for reason in RETRY_REASONS:
+        RETRIES.labels(name, reason)
+    DEDUP_HITS.labels(name)
+    DIGEST_MISMATCHES.labels(name)
+    DURATION.labels(name, "ok")
+
+
 #: Every metric name this module exports (as scraped: counters get a ``_total`` suffix).
 NAMES = (
     _P + "bytes_total",

@@ -24,7 +24,7 @@ from csi.image.errors import FormatError
 from csi.image.reader import Image
 from csi.repo import layout
 
-from . import mounting
+from . import metrics, mounting
 from .config import FSNAME, DataPlaneConfig, mount_source
 from .control import ControlError, get_bool, get_str, serve_connection
 from .fs import DataPlaneFS
@@ -101,6 +101,7 @@ class DataPlane:
             fetch_timeout=config.fetch_timeout,
         )
         self.fs = DataPlaneFS(self.objects, timeout=config.cache_timeout)
+        metrics.init_labels()
         self.listings = ListingCache(config.listing_cache_entries)
         self._nursery: trio.Nursery | None = None
         self._adding: dict[str, trio.Lock] = {}

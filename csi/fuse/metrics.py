@@ -61,3 +61,13 @@ VIEW_HOLDERS = Gauge(
     "Holders (volumes) of all views served.",
     registry=REGISTRY,
 )
+
+
+def init_labels() -> None:
+    """Give the labelled metrics their known label sets at zero, so an idle data plane's
+    dashboard panels show 0 rather than "No data"."""
+    for trigger in ("demand", "prefetch"):
+        for result in ("ok", "error"):
+            LAZY_FETCHES.labels(trigger, result)
+    for kind in ("image", "composition"):
+        VIEWS.labels(kind)

@@ -20,6 +20,7 @@ from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from typing import Protocol
 
+from csi.fetch import metrics as fetch_metrics
 from csi.fetch.client import RepositoryClient
 from csi.fetch.config import RepositoryConfig
 from csi.fetch.progress import FetchProgress
@@ -149,6 +150,8 @@ class RepositoryFetcher:
         self._store = store
         self._clients: dict[str, RepositoryClient] = {}
         self._mu = threading.Lock()
+        for name in self._configs:  # series at zero before the first fetch (dashboards)
+            fetch_metrics.init_repository(name)
 
     def client(self, repository: str) -> RepositoryClient:
         with self._mu:

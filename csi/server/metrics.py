@@ -48,6 +48,22 @@ MOUNTS_CLEANED = Counter(
 )
 
 
+def init_labels(services: list[str]) -> None:
+    """Give the served methods and the publish outcomes their series at zero (code OK), so
+    an idle plugin's dashboard panels show 0 rather than "No data". ``services``: the CSI
+    services this process serves (``Identity``, ``Node``, ``Controller``)."""
+    from .proto import csi_pb2
+
+    for name in services:
+        for method in csi_pb2.DESCRIPTOR.services_by_name[name].methods:
+            GRPC_REQUESTS.labels(method.name, "OK")
+            GRPC_DURATION.labels(method.name)
+    if "Node" in services:
+        for mode in ("eager", "lazy"):
+            for cache in ("warm", "cold"):
+                PUBLISH_DURATION.labels(mode, cache)
+
+
 def parse_address(address: str) -> tuple[str, int] | None:
     """``"host:port"`` or ``":port"`` -> (host, port); ``""`` -> None (disabled)."""
     address = address.strip()

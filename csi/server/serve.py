@@ -30,7 +30,7 @@ from .dataplane import DataPlane, FuseDataPlane
 from .fetcher import Fetcher, RepositoryFetcher
 from .identity import IdentityService
 from .interceptor import CsiInterceptor
-from .metrics import serve_metrics
+from .metrics import init_labels, serve_metrics
 from .node import NodeService
 from .probes import dataplane_answers, fuse_usable, store_writable
 from .proto import csi_pb2_grpc as rpc
@@ -157,6 +157,7 @@ def build_node(
     if check_fuse:
         checks.insert(1, fuse_usable())
     server = _grpc_server(max_workers)
+    init_labels(["Identity", "Node"])
     identity = IdentityService(controller=config.controller_enabled, checks=checks)
     rpc.add_IdentityServicer_to_server(identity, server)
     rpc.add_NodeServicer_to_server(NodeService(manager, node_id), server)
@@ -223,6 +224,7 @@ def build_controller(
     )
     server = _grpc_server(max_workers)
     checks = [store_writable(config.store.path)]
+    init_labels(["Identity", "Controller"])
     rpc.add_IdentityServicer_to_server(IdentityService(controller=True, checks=checks), server)
     rpc.add_ControllerServicer_to_server(ControllerService(provisioner), server)
     sock, address = _prepare_socket(endpoint)
