@@ -3,37 +3,43 @@
 #
 #   docker build -t composefs-csi:0.1.0 .
 #
-# Stage "build" compiles the wheels with C extensions (pyfuse3, pycurl, xxhash) against the
-# -dev packages; the runtime stage installs those wheels into a venv next to the shared
-# libraries only (fuse3, libcurl), without compilers or headers.
+# Stage "build" makes a wheel of every Python dependency, at the versions and with the hashes
+# pinned in requirements/image.txt (scripts/lock-deps.sh keeps it current), and of the package.
+# Only pyfuse3 is compiled there (against libfuse3's headers); every other dependency comes as a
+# manylinux wheel with its own libraries (pycurl bundles its libcurl and OpenSSL). The runtime
+# stage installs those wheels into a venv without pip or setuptools, next to libfuse3.
+#
+# PYTHON_IMAGE: any Debian bookworm image with Python 3.11 and pip in /usr/local/bin and the
+# Python headers (the official image has them; `make e2e` builds a stand-in from Debian packages).
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
 RUN apt-get update \
- && apt-get install -y --no-install-recommends \
-      gcc libc6-dev pkg-config libfuse3-dev libcurl4-openssl-dev libssl-dev \
+ && apt-get install -y --no-install-recommends gcc libc6-dev pkg-config libfuse3-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
+# The dependencies first (this layer changes only with the lock), every file checked against
+# its pinned hash.
+COPY requirements/image.txt requirements/
+RUN pip wheel --no-cache-dir --require-hashes --wheel-dir /wheels -r requirements/image.txt
 COPY pyproject.toml README.md ./
 COPY csi ./csi
-# Wheels of the package and of every dependency (pyfuse3 and pycurl are built here).
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 FROM ${PYTHON_IMAGE} AS runtime
-ARG VERSION=0.1.0
-LABEL org.opencontainers.image.title="composefs-csi" \
-      org.opencontainers.image.description="Kubernetes CSI driver serving read-only composefs images over FUSE" \
-      org.opencontainers.image.version="${VERSION}" \
-      org.opencontainers.image.licenses="Apache-2.0"
-# fuse3: libfuse3 and fusermount3; libcurl4: pycurl's library; mount: util-linux mount/umount.
+# libfuse3-3: pyfuse3's library (the data plane mounts as root, so no fusermount3 is needed).
+# ca-certificates: https repositories. apt's caches go too (/var/cache/apt/*.bin).
 RUN apt-get update \
- && apt-get install -y --no-install-recommends fuse3 libcurl4 ca-certificates mount \
- && rm -rf /var/lib/apt/lists/*
+ && apt-get install -y --no-install-recommends libfuse3-3 ca-certificates \
+ && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin
+# Exactly the wheels of the build stage (no index, no resolving), installed by the base
+# image's pip into a venv that has neither pip nor setuptools.
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    python -m venv /opt/composefs-csi \
- && /opt/composefs-csi/bin/pip install --no-cache-dir --no-index --find-links=/wheels composefs-csi \
- && /opt/composefs-csi/bin/pip uninstall -y pip \
+    python -m venv --without-pip /opt/composefs-csi \
+ && pip --python /opt/composefs-csi/bin/python install --no-cache-dir --no-index --no-deps \
+      --disable-pip-version-check --root-user-action=ignore /wheels/*.whl \
+ && pip --python /opt/composefs-csi/bin/python check --disable-pip-version-check \
  && /opt/composefs-csi/bin/composefs-csi --version
 ENV PATH=/opt/composefs-csi/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -44,11 +50,19 @@ ENV PATH=/opt/composefs-csi/bin:$PATH \
 # node plugin mount filesystems: the chart runs them as root in privileged containers.
 USER 65532:65532
 
-# Calls the CSI Identity.Probe of the node plugin or controller on $CSI_ENDPOINT (kubelet ignores
-# HEALTHCHECK; the chart uses the livenessprobe sidecar instead). Not meaningful for the data
-# plane, which has no CSI socket.
+# For docker and podman users: calls the CSI Identity.Probe of the node plugin or controller on
+# $CSI_ENDPOINT. Not meaningful for the data plane, which has no CSI socket. Kubernetes ignores
+# HEALTHCHECK (the chart runs the livenessprobe sidecar instead), and the OCI image format has
+# no field for it: `podman build` keeps it only with --format docker.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=30s --retries=3 \
   CMD ["composefs-csi", "probe"]
 
 ENTRYPOINT ["composefs-csi"]
 CMD ["--help"]
+
+# Last, so that a new version reuses every layer above.
+ARG VERSION=0.1.0
+LABEL org.opencontainers.image.title="composefs-csi" \
+      org.opencontainers.image.description="Kubernetes CSI driver serving read-only composefs images over FUSE" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.licenses="Apache-2.0"
