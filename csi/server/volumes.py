@@ -4,10 +4,10 @@ unstage, stats, and the health and repair of published mounts (start-up reconcil
 
 Holders: the store lease of a volume is held by ``csi-volume:<volume id>`` (staged persistent
 volumes, published ephemeral volumes); the data-plane view mounted at a target is held by
-``csi-target:<target path>``. Every change is recorded in :class:`~csi.server.state.NodeState`
-before it is made, so :func:`csi.server.reconcile.reconcile` can finish or undo a publish or unpublish
-that a killed process left half done: after a restart every volume is published or cleanly
-absent.
+``csi-target:<target path>``. Every change is recorded in
+:class:`~csi.server.state.NodeState` before it is made, so reconciliation can finish or undo a
+publish or unpublish that a killed process left half done: after a restart every volume is
+published or cleanly absent.
 
 Locks: one per target path and one per volume id, taken without waiting (a concurrent call on
 the same key gets ABORTED); the per-image fetch jobs are shared across volumes.
