@@ -32,6 +32,7 @@ Example (every key optional except ``repositories``)::
       address: ":9809"                  # node plugin / controller metrics ("" disables)
     node:
       kubelet_dir: /var/lib/kubelet     # the node plugin mounts only under it
+      repair_interval: 2                # seconds between checks of published mounts (0: off)
     controller:
       enabled: true                     # a controller serves this driver (both processes then
                                         # report CONTROLLER_SERVICE in their capabilities)
@@ -110,6 +111,8 @@ class DataPlaneConfig:
 class NodeConfig:
     #: kubelet's root directory: targets and staging paths must lie under it.
     kubelet_dir: Path = Path("/var/lib/kubelet")
+    #: Seconds between checks of the published volumes' mounts (0: no automatic repair).
+    repair_interval: float = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,7 +235,8 @@ def config_from_dict(raw: object) -> DriverConfig:
     metrics = _mapping(top.get("metrics"), "metrics")
     _take(metrics, {"address"}, "metrics")
     node_d = _mapping(top.get("node"), "node")
-    _take(node_d, {"kubelet_dir"}, "node")
+    _take(node_d, {"kubelet_dir", "repair_interval"}, "node")
+    repair_interval = _number(node_d.get("repair_interval", 2.0), "node.repair_interval", lo=0)
     kubelet_dir = str(node_d.get("kubelet_dir", NodeConfig.kubelet_dir))
     if not kubelet_dir.startswith("/") or kubelet_dir.rstrip("/") == "":
         raise ConfigError(f"node.kubelet_dir: expected an absolute directory, got {kubelet_dir!r}")
@@ -249,7 +253,7 @@ def config_from_dict(raw: object) -> DriverConfig:
         metrics_address=str(metrics.get("address", ":9809")),
         rpc_wait=rpc_wait,
         fetch_concurrency=int(fetch.get("concurrency", 16)),
-        node=NodeConfig(kubelet_dir=Path(kubelet_dir)),
+        node=NodeConfig(kubelet_dir=Path(kubelet_dir), repair_interval=repair_interval),
         controller_enabled=enabled,
     )
 

@@ -354,8 +354,8 @@ def test_node_plugin_daemonset(rendered: dict[str, list[Doc]]) -> None:
     assert plugin["env"][0]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
     mounts = _mounts(plugin)
     assert mounts["/var/lib/kubelet"]["mountPropagation"] == "Bidirectional"
-    assert mounts["/var/lib/composefs-csi/mnt"]["mountPropagation"] == "HostToContainer"
-    assert "/var/lib/composefs-csi/store" in mounts and "/run/composefs-csi" in mounts
+    assert mounts["/var/lib/composefs-csi"]["mountPropagation"] == "HostToContainer"
+    assert "/run/composefs-csi" in mounts
     assert mounts["/csi"]["name"] == "socket-dir"
     assert _volume(ds, "socket-dir")["hostPath"]["path"] == f"/var/lib/kubelet/plugins/{DRIVER}"
     assert plugin["resources"]["requests"]["memory"]
@@ -396,19 +396,31 @@ def test_dataplane_daemonset_is_separate_and_not_rolled(rendered: dict[str, list
     assert c["args"][-2:] == ["dataplane", "--config=/etc/composefs-csi/config.yaml"]
     assert c["securityContext"]["privileged"] is True
     assert "livenessProbe" not in c  # a restart would break every volume on the node
-    assert _mounts(c)["/var/lib/composefs-csi/mnt"]["mountPropagation"] == "Bidirectional"
+    # The data directory (store and FUSE mountpoint), not the mountpoint itself: the FUSE
+    # mount reaches the host from the data plane (Bidirectional) and the node plugin sees it,
+    # and its replacement after a restart, from the host (HostToContainer).
+    assert _mounts(c)["/var/lib/composefs-csi"]["mountPropagation"] == "Bidirectional"
+    plugin = container(node, "plugin")
+    assert _mounts(plugin)["/var/lib/composefs-csi"]["mountPropagation"] == "HostToContainer"
     # Same nodes as the node plugin, same host paths for what they share.
     assert pod_spec(dp)["priorityClassName"] == pod_spec(node)["priorityClassName"]
     assert pod_spec(dp)["tolerations"] == pod_spec(node)["tolerations"]
     assert pod_spec(dp)["nodeSelector"] == pod_spec(node)["nodeSelector"]
-    for vol in ("store", "mount-root", "run"):
+    for vol in ("data-dir", "run"):
         assert _volume(dp, vol)["hostPath"] == _volume(node, vol)["hostPath"]
-    # Paths in the configuration are where the containers mount the shared host directories.
+    # Paths in the configuration lie under where the containers mount the shared directories;
+    # the FUSE mountpoint itself is never a volume mount (it would be a mount in the container
+    # already, and the runtime could not stat it once the FUSE mount is dead).
     cfg = driver_config(docs)
     for owner, cname in ((dp, "dataplane"), (node, "plugin")):
         mounts = _mounts(container(owner, cname))
-        assert cfg["store"]["path"] in mounts
-        assert cfg["dataplane"]["mountpoint"] in mounts
+
+        def under_a_mount(path: str, mounts: dict[str, Any] = mounts) -> bool:
+            return any(path == m or path.startswith(m.rstrip("/") + "/") for m in mounts)
+
+        assert under_a_mount(cfg["store"]["path"])
+        assert under_a_mount(cfg["dataplane"]["mountpoint"])
+        assert cfg["dataplane"]["mountpoint"] not in mounts
         assert str(Path(cfg["dataplane"]["socket"]).parent) in mounts
 
 

@@ -19,6 +19,7 @@ MS_NOSUID = 0x2
 MS_NODEV = 0x4
 MS_REMOUNT = 0x20
 MS_BIND = 0x1000
+MS_PRIVATE = 1 << 18
 MS_REC = 0x4000
 MNT_DETACH = 0x2
 UMOUNT_NOFOLLOW = 0x8
@@ -145,6 +146,12 @@ def bind_mount_ro(source: str | os.PathLike[str], target: OpenedTarget) -> None:
             raise OSError(err, f"read-only remount of {target.path!r}: {os.strerror(err)}")
     finally:
         os.close(top)
+
+
+def make_private(path: str | os.PathLike[str]) -> None:
+    """Make the mount at ``path`` private (not its submounts): mounts made on it or on binds
+    of it no longer propagate to or from its former peers."""
+    _check(_libc.mount(None, os.fsencode(path), None, MS_PRIVATE, None), "make private", path)
 
 
 def is_ours(mount: MountInfo, source: str) -> bool:

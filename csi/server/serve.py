@@ -31,13 +31,15 @@ from .fetcher import Fetcher, RepositoryFetcher
 from .identity import IdentityService
 from .interceptor import CsiInterceptor
 from .metrics import init_labels, serve_metrics
+from .monitor import MountMonitor
 from .node import NodeService
 from .probes import dataplane_answers, fuse_usable, store_writable
 from .proto import csi_pb2_grpc as rpc
 from .provisioner import AnnotationReader, Provisioner
+from .reconcile import ReconcileReport, reconcile
 from .state import NodeState
 from .targets import Places
-from .volumes import ReconcileReport, VolumeManager
+from .volumes import VolumeManager
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +88,11 @@ class NodePlugin:
     state: NodeState
     socket: Path
     reconcile_report: ReconcileReport
+    monitor: MountMonitor
     _closers: list[Any] = field(default_factory=list)
 
     def stop(self, grace: float | None = 5.0) -> None:
+        self.monitor.stop()
         self.server.stop(grace).wait()
         self.manager.close()
         for c in self._closers:
@@ -140,9 +144,10 @@ def build_node(
             forbidden=[config.store.path, config.dataplane.mountpoint],
         ),
         mount_source=mount_source(config.dataplane.mountpoint),
+        dataplane_mountpoint=str(config.dataplane.mountpoint),
         max_fetch_jobs=max(1, config.fetch_concurrency // 2),
     )
-    report = manager.reconcile()
+    report = reconcile(manager)
     log.info(
         "reconciled: %d healthy, %d repaired, %d cleaned, %d failed, %d orphan views, "
         "%d orphan leases",
@@ -153,7 +158,8 @@ def build_node(
         report.orphan_views,
         report.orphan_leases,
     )
-    checks = [store_writable(config.store.path), dataplane_answers(dataplane)]
+    monitor = MountMonitor(manager, interval=config.node.repair_interval or 2.0)
+    checks = [store_writable(config.store.path), dataplane_answers(dataplane), monitor.check]
     if check_fuse:
         checks.insert(1, fuse_usable())
     server = _grpc_server(max_workers)
@@ -165,7 +171,9 @@ def build_node(
     server.add_insecure_port(address)
     server.start()
     os.chmod(sock, 0o660)
-    return NodePlugin(server, manager, store, state, sock, report, closers)
+    if config.node.repair_interval > 0:
+        monitor.start()
+    return NodePlugin(server, manager, store, state, sock, report, monitor, closers)
 
 
 @dataclass

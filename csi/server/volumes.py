@@ -1,12 +1,13 @@
 """The node plugin's work, as plain methods the gRPC handlers call: stage, publish, unpublish,
-unstage, stats, and start-up reconciliation.
+unstage, stats, and the health and repair of published mounts (start-up reconciliation is in
+:mod:`csi.server.reconcile`, the periodic check in :mod:`csi.server.monitor`).
 
 Holders: the store lease of a volume is held by ``csi-volume:<volume id>`` (staged persistent
 volumes, published ephemeral volumes); the data-plane view mounted at a target is held by
-``csi-target:<target path>``. Every change is recorded in :class:`~csi.server.state.NodeState`
-before it is made, so :meth:`VolumeManager.reconcile` can finish or undo a publish or unpublish
-that a killed process left half done: after a restart every volume is published or cleanly
-absent.
+``csi-target:<target path>``. Every change is recorded in
+:class:`~csi.server.state.NodeState` before it is made, so reconciliation can finish or undo a
+publish or unpublish that a killed process left half done: after a restart every volume is
+published or cleanly absent.
 
 Locks: one per target path and one per volume id, taken without waiting (a concurrent call on
 the same key gets ABORTED); the per-image fetch jobs are shared across volumes.
@@ -21,7 +22,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -63,17 +64,6 @@ class VolumeStats:
     message: str
 
 
-@dataclass
-class ReconcileReport:
-    healthy: int = 0
-    repaired: list[str] = field(default_factory=list)
-    cleaned: list[str] = field(default_factory=list)
-    failed: list[str] = field(default_factory=list)
-    volumes_dropped: list[str] = field(default_factory=list)
-    orphan_views: int = 0
-    orphan_leases: int = 0
-
-
 class VolumeManager:
     def __init__(
         self,
@@ -87,14 +77,17 @@ class VolumeManager:
         rpc_wait: float,
         places: Places,
         mount_source: str,
+        dataplane_mountpoint: str,
         max_fetch_jobs: int = 8,
     ) -> None:
         """``places``: where targets and staging paths may be; ``mount_source``: the source of
         the data plane's mount (:func:`csi.fuse.config.mount_source`): the only mounts this
-        manager ever removes are those with it."""
+        manager ever removes are those with it; ``dataplane_mountpoint``: where that mount is
+        (as this process sees it)."""
         self.store = store
         self.places = places
         self.mount_source = mount_source
+        self.dataplane_mountpoint = os.path.realpath(dataplane_mountpoint)
         self.dataplane = dataplane
         self.fetcher = fetcher
         self.state = state
@@ -358,7 +351,15 @@ class VolumeManager:
             raise
 
     def _bind(self, view_path: Path, target: str) -> None:
-        """Bind the view at ``target`` (made if missing), reached without following links."""
+        """Bind the view at ``target`` (made if missing), reached without following links.
+
+        The data plane's mount is made private here first: a bind of a shared mount would
+        join its peer group, so that a mount later made over one target (a repair) would
+        appear over every other target of the same view, and its unmount (one pod's
+        unpublish) would take it from all of them. Bound from a private mount into kubelet's
+        shared directory, each target is a propagation tree of its own: its copies on the
+        host and in HostToContainer pods, nothing else."""
+        mounts.make_private(self.dataplane_mountpoint)
         opened = self.places.open_target(target, create=True)
         try:
             mounts.bind_mount_ro(view_path, opened)
@@ -393,20 +394,95 @@ class VolumeManager:
                 log.warning("could not release view %s: %s", rec.view_key, e)
         self.state.delete_target(rec.target_path)
 
+    # -- health and repair -----------------------------------------------------------------
+
+    def dataplane_device(self, table: list[mounts.MountInfo] | None = None) -> str | None:
+        """The device (``major:minor``) of the data plane's FUSE mount as this process sees
+        it, or None if it is not mounted here (not running, or gone)."""
+        stack = mounts.mounts_at(self.dataplane_mountpoint, table)
+        if stack and mounts.is_ours(stack[-1], self.mount_source):
+            return stack[-1].device
+        return None
+
+    def target_problem(
+        self,
+        target: str,
+        table: list[mounts.MountInfo] | None = None,
+        device: str | None = None,
+        *,
+        deep: bool = True,
+    ) -> str | None:
+        """None if ``target`` shows a live view: the top mount there is ours and comes from
+        the data plane's current mount (``device``, if known); with ``deep``, it also answers
+        stat and statfs. Otherwise what is wrong, in words."""
+        stack = mounts.mounts_at(target, table)
+        if not stack:
+            return "not mounted"
+        top = stack[-1]
+        if not mounts.is_ours(top, self.mount_source):
+            return f"covered by a mount that is not this driver's ({top.fstype[:40]})"
+        if device is not None and top.device != device:
+            return f"mounted from a previous data plane (device {top.device}, now {device})"
+        if deep:
+            err = mounts.probe(target)
+            if err:
+                return f"broken: {os.strerror(err)} ({errno.errorcode.get(err)})"
+        return None
+
     def _ensure_healthy(self, rec: TargetRecord) -> None:
         """A published target asked again: repair it if its mount is gone or broken."""
-        if mounts.mounts_at(rec.target_path) and mounts.probe(rec.target_path) == 0:
+        if self.target_problem(rec.target_path, device=self.dataplane_device()) is None:
             return
         vol = self.state.volume(rec.volume_id)
         if vol is None:
             raise not_found(f"volume {rec.volume_id!r} has no record on this node")
         self._repair(rec, vol)
 
+    def repair_target(self, target: str) -> bool:
+        """Repair the published ``target`` if it is not healthy (for the mount monitor, which
+        runs beside kubelet's calls: a target busy with one of those is left for the next
+        round). True if it was repaired."""
+        try:
+            with self.target_locks.hold(target):
+                rec = self.state.target(target)
+                if rec is None or rec.state != "published":
+                    return False
+                if self.target_problem(target, device=self.dataplane_device()) is None:
+                    return False
+                vol = self.state.volume(rec.volume_id)
+                if vol is None:
+                    return False
+                self._repair(rec, vol)
+                return True
+        except CsiError as e:
+            if e.code == grpc.StatusCode.ABORTED:
+                return False  # kubelet is working on it right now
+            raise
+
+    def published_targets(self) -> list[str]:
+        return [t.target_path for t in self.state.targets() if t.state == "published"]
+
     def _repair(self, rec: TargetRecord, vol: VolumeRecord) -> None:
+        """Mount a live view of the volume *over* whatever of ours is at the target (a dead
+        mount of a previous data plane stays beneath, covered, until the unpublish): pods
+        that see the target with HostToContainer propagation get the new mount on top of
+        theirs, which an unmount followed by a new mount would not give them."""
         spec = PinnedSpec(vol.repository, vol.images, vol.lazy)
         view = self._add_view(spec, rec.target_path)
+        err = mounts.probe(view.path)
+        if err:
+            raise CsiError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the data plane's view {view.path} does not answer ({os.strerror(err)}): "
+                f"cannot repair {rec.target_path} from it",
+            )
         self.state.set_target_view(rec.target_path, view.key, str(view.path))
-        self._clear_target(rec.target_path)
+        foreign = mounts.foreign_mounts(rec.target_path, self.mount_source)
+        if foreign:
+            raise precondition(
+                f"target {rec.target_path} is covered by a mount that is not this driver's "
+                f"({foreign[-1].fstype[:40]}): not repairing it"
+            )
         self._bind(view.path, rec.target_path)
         m.MOUNTS_REPAIRED.inc()
         log.info("repaired the mount of volume %s at %s", rec.volume_id, rec.target_path)
@@ -475,60 +551,6 @@ class VolumeManager:
             elif not mounts.mounts_at(path):
                 problems.append("not mounted")
         return VolumeStats(size, bool(problems), "; ".join(problems) or "ok")
-
-    # -- reconciliation --------------------------------------------------------------------
-
-    def reconcile(self) -> ReconcileReport:
-        """Make the node agree with the record (run at start, before serving)."""
-        rep = ReconcileReport()
-        for rec in self.state.targets():
-            vol = self.state.volume(rec.volume_id)
-            if rec.state != "published" or vol is None:
-                try:
-                    self._undo_target(rec)
-                    rep.cleaned.append(rec.target_path)
-                    m.MOUNTS_CLEANED.inc()
-                except OSError as e:
-                    rep.failed.append(f"{rec.target_path}: {e}")
-                continue
-            if mounts.mounts_at(rec.target_path) and mounts.probe(rec.target_path) == 0:
-                rep.healthy += 1
-                continue
-            try:
-                self._repair(rec, vol)
-                rep.repaired.append(rec.target_path)
-            except (OSError, CsiError, DataPlaneUnavailable) as e:
-                rep.failed.append(f"{rec.target_path}: {e}")
-                log.error("cannot repair volume %s at %s: %s", rec.volume_id, rec.target_path, e)
-        for vol in self.state.volumes():
-            if vol.state != "ready" or (vol.ephemeral and not self.state.targets(vol.volume_id)):
-                self._drop_volume(vol.volume_id)
-                rep.volumes_dropped.append(vol.volume_id)
-            else:
-                self.store.lease(lease_holder(vol.volume_id), vol.images)
-        self._drop_orphans(rep)
-        self._update_gauges()
-        return rep
-
-    def _drop_orphans(self, rep: ReconcileReport) -> None:
-        targets = {view_holder(t.target_path): t for t in self.state.targets()}
-        try:
-            holders = self.dataplane.holders()
-        except DataPlaneUnavailable as e:
-            log.warning("cannot list data plane views: %s", e)
-            holders = {}
-        for key, hs in holders.items():
-            for h in hs:
-                rec = targets.get(h)
-                if h.startswith(VIEW_PREFIX) and (rec is None or rec.view_key != key):
-                    with contextlib.suppress(DataPlaneUnavailable):
-                        self.dataplane.remove_view(key, h)
-                        rep.orphan_views += 1
-        volumes = {lease_holder(v.volume_id) for v in self.state.volumes()}
-        for holder in self.store.leases():
-            if holder.startswith(LEASE_PREFIX) and holder not in volumes:
-                self.store.release(holder)
-                rep.orphan_leases += 1
 
 
 def spec_mode(spec: PinnedSpec) -> str:

@@ -47,6 +47,7 @@ app.kubernetes.io/component: {{ index . 1 }}
 
 {{/* Paths ------------------------------------------------------------------------------- */}}
 
+{{- define "composefs-csi.dataDir" -}}{{ trimSuffix "/" .Values.dataDir }}{{- end -}}
 {{- define "composefs-csi.storePath" -}}{{ trimSuffix "/" .Values.dataDir }}/store{{- end -}}
 {{- define "composefs-csi.mountRoot" -}}{{ trimSuffix "/" .Values.dataDir }}/mnt{{- end -}}
 {{- define "composefs-csi.runDir" -}}{{ trimSuffix "/" .Values.runDir }}{{- end -}}
@@ -171,7 +172,7 @@ app.kubernetes.io/component: {{ index . 1 }}
     "open_files" $v.dataplane.openFiles
     "mount_options" $v.dataplane.mountOptions)
   "metrics" (dict "address" (printf ":%d" (int (ternary $v.controller.metricsPort $v.node.metricsPort (eq $role "controller")))))
-  "node" (dict "kubelet_dir" (include "composefs-csi.kubeletDir" $))
+  "node" (dict "kubelet_dir" (include "composefs-csi.kubeletDir" $) "repair_interval" $v.node.repairInterval)
   "controller" (dict "enabled" (ternary true false (and $v.controller.enabled true)))
 -}}
 {{- toYaml $cfg -}}
