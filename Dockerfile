@@ -4,10 +4,12 @@
 #   docker build -t composefs-csi:0.1.0 .
 #
 # Stage "build" makes a wheel of every Python dependency, at the versions and with the hashes
-# pinned in requirements/image.txt (scripts/lock-deps.sh keeps it current), and of the package.
-# Only pyfuse3 is compiled there (against libfuse3's headers); every other dependency comes as a
-# manylinux wheel with its own libraries (pycurl bundles its libcurl and OpenSSL). The runtime
-# stage installs those wheels into a venv without pip or setuptools, next to libfuse3.
+# pinned in requirements/image.txt (scripts/lock-deps.sh keeps it current), and of the package,
+# and installs them into a venv without pip or setuptools. Only pyfuse3 is compiled there
+# (against libfuse3's headers); every other dependency comes as a manylinux wheel with its own
+# libraries (pycurl bundles its libcurl and OpenSSL). The runtime stage copies the venv next to
+# libfuse3. (A COPY, not a RUN with a bind mount of the build stage: buildah's layer cache does
+# not look at a mount's content, and would keep a stale venv after a code change.)
 #
 # PYTHON_IMAGE: any Debian bookworm image with Python 3.11 and pip in /usr/local/bin and the
 # Python headers (the official image has them; `make e2e` builds a stand-in from Debian packages).
@@ -19,13 +21,20 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends gcc libc6-dev pkg-config libfuse3-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-# The dependencies first (this layer changes only with the lock), every file checked against
-# its pinned hash.
+# The dependencies first (this layer changes only with the lock): wheels of exactly the pinned
+# files, every one checked against its hash, installed into a venv made without pip or
+# setuptools (the base image's pip installs into it, from those wheels only).
 COPY requirements/image.txt requirements/
-RUN pip wheel --no-cache-dir --require-hashes --wheel-dir /wheels -r requirements/image.txt
+RUN pip wheel --no-cache-dir --require-hashes --wheel-dir /wheels -r requirements/image.txt \
+ && python -m venv --without-pip /opt/composefs-csi \
+ && pip --python /opt/composefs-csi/bin/python install --no-cache-dir --no-index --no-deps \
+      --disable-pip-version-check --root-user-action=ignore /wheels/*.whl
 COPY pyproject.toml README.md ./
 COPY csi ./csi
-RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /tmp/package . \
+ && pip --python /opt/composefs-csi/bin/python install --no-cache-dir --no-index --no-deps \
+      --disable-pip-version-check --root-user-action=ignore /tmp/package/*.whl \
+ && pip --python /opt/composefs-csi/bin/python check --disable-pip-version-check
 
 FROM ${PYTHON_IMAGE} AS runtime
 # libfuse3-3: pyfuse3's library (the data plane mounts as root, so no fusermount3 is needed).
@@ -33,18 +42,13 @@ FROM ${PYTHON_IMAGE} AS runtime
 RUN apt-get update \
  && apt-get install -y --no-install-recommends libfuse3-3 ca-certificates \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin
-# Exactly the wheels of the build stage (no index, no resolving), installed by the base
-# image's pip into a venv that has neither pip nor setuptools.
-RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    python -m venv --without-pip /opt/composefs-csi \
- && pip --python /opt/composefs-csi/bin/python install --no-cache-dir --no-index --no-deps \
-      --disable-pip-version-check --root-user-action=ignore /wheels/*.whl \
- && pip --python /opt/composefs-csi/bin/python check --disable-pip-version-check \
- && /opt/composefs-csi/bin/composefs-csi --version
+# The venv as the build stage made it (its python is the base image's, the same in both stages).
+COPY --from=build /opt/composefs-csi /opt/composefs-csi
 ENV PATH=/opt/composefs-csi/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     CSI_ENDPOINT=unix:///csi/csi.sock
+RUN composefs-csi --version
 
 # Non-root by default (the controller and the CLI need nothing more). The data plane and the
 # node plugin mount filesystems: the chart runs them as root in privileged containers.

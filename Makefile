@@ -2,7 +2,7 @@
 VENV := .venv/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint typecheck unit bench clean
+.PHONY: setup demo test lint typecheck unit bench e2e clean
 
 setup:
 	@scripts/setup.sh
@@ -29,6 +29,12 @@ test: setup
 
 bench: setup
 	$(VENV)/python -m bench.run
+
+# The chart's node pods in podman on a stand-in node, with a fake kubelet (docs/e2e.md). Root.
+E2E_ARGS ?=
+e2e:
+	@scripts/setup.sh --e2e
+	$(VENV)/python -m tests.e2e $(E2E_ARGS)
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -2,6 +2,11 @@
 # Prepare a fresh Debian 12 machine (as root) for composefs-csi: system packages, a virtual
 # environment in .venv and the package installed into it in editable mode with its dev tools.
 # Idempotent and quick when nothing changed.
+#
+#   scripts/setup.sh --e2e   also what the container end-to-end harness needs (`make e2e`):
+#                            podman with runc, and mmdebstrap for its registry-free base image.
+#                            The harness writes its own podman configuration (CONTAINERS_CONF);
+#                            the machine's is left alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +17,9 @@ APT_PACKAGES=(
   erofs-utils kmod util-linux mount                 # fsck.erofs, modprobe, losetup, mount
   prometheus                                        # evaluates the dashboard's queries in tests
 )
+if [ "${1:-}" = "--e2e" ]; then
+  APT_PACKAGES+=(podman runc mmdebstrap)             # make e2e: containers, the base image
+fi
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

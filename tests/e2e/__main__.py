@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     log(f"built {current} ({t_build:.1f} s)")
     upgrade, t_upgrade = build_image(podman, base, work, version=UPGRADE_VERSION)
     log(f"built {upgrade} for the upgrade ({t_upgrade:.1f} s)")
+    if upgrade == current:
+        raise SystemExit(f"e2e: the upgrade image is the same image as {current}")
     prune_old_tags(podman, {current, upgrade})
     images = Images(base, current, upgrade)
 
@@ -80,8 +82,11 @@ def main(argv: list[str] | None = None) -> int:
                 figures = fn(h)
             except Exception as e:
                 took = time.monotonic() - t
-                detail = f"{type(e).__name__}: {e}"
-                log(f"FAIL {name} ({took:.1f} s): {detail}")
+                lines = str(e).strip().splitlines() or [""]
+                detail = f"{type(e).__name__}: {lines[0]}"
+                if len(lines) > 1:
+                    detail += f" ... {lines[-1].strip()}"
+                log(f"FAIL {name} ({took:.1f} s): {type(e).__name__}: {e}")
                 log(traceback.format_exc(limit=-3).rstrip())
                 results.append((name, False, took, {}, detail))
                 if name == "install":

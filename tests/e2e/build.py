@@ -29,7 +29,9 @@ def build_image(
     args = ["build", "--format", "docker", "--layers", "--iidfile", str(iid)]
     args += ["--build-arg", f"PYTHON_IMAGE={base}"]
     if version:
+        # The label too: buildah's layer cache reuses the LABEL step whatever the ARG's value.
         args += ["--build-arg", f"VERSION={version}"]
+        args += ["--label", f"org.opencontainers.image.version={version}"]
     if os.path.exists(CA_BUNDLE):
         args += ["-v", f"{CA_BUNDLE}:{CA_BUNDLE}:ro"]
     args += ["-f", str(REPO / "Dockerfile"), str(REPO)]
