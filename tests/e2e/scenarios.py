@@ -70,11 +70,21 @@ def install(h: Harness) -> Figures:
     t0 = time.monotonic()
     dp = h.driver_pod("dataplane")
     h.runtime.wait_ready(dp, timeout=PATIENCE_S)
+    t_ready = time.monotonic()
     mnt = h.dataplane_mountpoint()
-    fuse = [m for m in h.node.mounts() if m.mountpoint == str(mnt)]  # type: ignore[union-attr]
-    assert fuse and fuse[-1].fstype.startswith("fuse"), (
-        f"the data plane's FUSE mount did not reach the node at {mnt}: {fuse}"
-    )
+    fuse = _fuse_on_node(h, mnt)
+    if not fuse:
+        # Ready (its readiness probe passed) before its mount exists: a race to report, not
+        # to fail on; what follows needs the mount, so wait for it.
+        deadline = time.monotonic() + PATIENCE_S
+        while not fuse and time.monotonic() < deadline:
+            time.sleep(0.05)
+            fuse = _fuse_on_node(h, mnt)
+        h.figures["data plane readiness"] = (
+            f"the readiness probe passed {time.monotonic() - t_ready:.2f} s before the FUSE "
+            "mount existed"
+        )
+    assert fuse, f"the data plane's FUSE mount did not reach the node at {mnt}"
     node = h.driver_pod("node")
     kubelet = h.start_kubelet()
     version = kubelet.wait_registered(PATIENCE_S)
@@ -88,8 +98,16 @@ def install(h: Harness) -> Figures:
     return {
         "plugin version": version,
         "pods up": f"{time.monotonic() - t0:.1f} s",
-        "FUSE mount": f"{fuse[-1].fstype} at {h.node.node_path(mnt)}",  # type: ignore[union-attr]
+        "FUSE mount": f"{fuse[-1]} at {h.node.node_path(mnt)}",  # type: ignore[union-attr]
     }
+
+
+def _fuse_on_node(h: Harness, mnt: object) -> list[str]:
+    return [
+        m.fstype
+        for m in h.node.mounts()  # type: ignore[union-attr]
+        if m.mountpoint == str(mnt) and m.fstype.startswith("fuse")
+    ]
 
 
 def _provisioner(h: Harness):  # type: ignore[no-untyped-def]
