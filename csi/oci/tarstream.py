@@ -6,7 +6,8 @@ use): V7, ustar (with the ``prefix`` field, and the star variant), GNU (``L``/``
 names, base-256 numbers) and PAX (``x`` records: ``path``, ``linkpath``, ``size``, ``uid``,
 ``gid``, ``mtime`` with fractions, ``SCHILY.xattr.*``). A GNU long name wins over a PAX path,
 as in Go. The ``size`` of header-only entries (links, devices, directories, fifos) is
-ignored. Old-style regular entries whose name ends in ``/`` are directories.
+ignored. Old-style regular entries whose name ends in ``/`` are directories. PAX records with an
+empty value are ignored (Go keeps the header's own field, and sets no empty xattr).
 
 Refused with :class:`~csi.oci.errors.LayerError` (naming the entry and its offset): bad
 checksums, malformed numbers and PAX records, NUL bytes in names, sparse files (GNU ``S`` or
@@ -277,6 +278,8 @@ def _parse_pax(data: bytes, at: int, fail: _Fail) -> dict[bytes, bytes]:
 
 def _apply_pax(entry: TarEntry, pax: dict[bytes, bytes], at: int, fail: _Fail) -> None:
     for key, value in pax.items():
+        if not value:
+            continue  # as Go: an empty value keeps the header's own (and sets no xattr)
         if key == b"path":
             entry.name = value
         elif key == b"linkpath":
