@@ -632,3 +632,44 @@ class Layout:
             "org.opencontainers.image.ref.name") != tag] + [entry]  # fmt: skip
         self._save()
         return f"oci:{self.root}:{tag}"
+
+
+def push_blobs_and_manifest(
+    host: str, name: str, tag: str, blobs: list[bytes], manifest: dict[str, Any]
+) -> str:
+    """Push ``blobs`` and ``manifest`` with the distribution API (what ORAS does for an
+    artifact); the ``docker://`` reference."""
+    for data in blobs:
+        status, _ = http_get(host, f"/v2/{name}/blobs/sha256:{sha256_hex(data)}")
+        if status == 200:
+            continue
+        conn = http.client.HTTPConnection(host, timeout=30)
+        conn.request("POST", f"/v2/{name}/blobs/uploads/", headers={"Content-Length": "0"})
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status == 202, resp.status
+        location = resp.headers["Location"]
+        url = urllib.parse.urlsplit(location)
+        sep = "&" if url.query else "?"
+        target = f"{url.path}?{url.query}{sep}" if url.query else f"{url.path}?"
+        conn.request(
+            "PUT",
+            f"{target}digest=sha256:{sha256_hex(data)}",
+            body=data,
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status == 201, (resp.status, sep)
+        conn.close()
+    body = json.dumps(manifest).encode()
+    conn = http.client.HTTPConnection(host, timeout=30)
+    conn.request(
+        "PUT", f"/v2/{name}/manifests/{tag}", body=body,
+        headers={"Content-Type": manifest["mediaType"]},
+    )  # fmt: skip
+    resp = conn.getresponse()
+    detail = resp.read()
+    conn.close()
+    assert resp.status == 201, (resp.status, detail)
+    return f"docker://{host}/{name}:{tag}"

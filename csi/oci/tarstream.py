@@ -191,7 +191,10 @@ def _cstr(field_: bytes) -> bytes:
 
 
 def _check_sum(block: bytes, at: int, fail: _Fail) -> None:
-    want = _number(block[148:156], at, "checksum", fail)
+    try:
+        want = _number(block[148:156], at, "checksum", fail)
+    except LayerError:
+        want = -1
     rest = block[:148] + block[156:]
     unsigned = sum(rest) + 8 * 0x20
     signed = unsigned - 256 * sum(1 for b in rest if b > 127)
