@@ -81,7 +81,9 @@ def select(index: Index, want: Platform, what: str) -> Descriptor:
         ]
         if loose:
             return loose[0]
-    offered = sorted({str(normalize(d.platform)) for d in with_platform if d.platform})
+    offered = sorted(
+        {str(normalize(d.platform, keep_default_variant=True)) for d in with_platform if d.platform}
+    )
     listed = ", ".join(p for p in offered if p and "unknown" not in p) or "none"
     raise PlatformError(
         f"{what}: no image for platform {want} (the index offers: {listed}); "
