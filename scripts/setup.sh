@@ -10,6 +10,7 @@ APT_PACKAGES=(
   fuse3 libfuse3-dev                                # FUSE data plane
   nginx curl openssl                                # repositories served over HTTP(S) in tests/bench
   erofs-utils kmod util-linux mount                 # fsck.erofs, modprobe, losetup, mount
+  skopeo umoci docker-registry apache2-utils zstd   # OCI import tests/bench (htpasswd: apache2-utils)
 )
 
 missing=()
