@@ -165,6 +165,7 @@ def test_hard_links(tmp_path: Path) -> None:
         (E("f/child"), "not a directory"),
         (E(".wh."), "whiteout without a name"),
         (E("x" * 256), "longer than 255"),
+        (E("l", "symlink", target="t" * 4096), "symlink target must be"),
     ],
 )
 def test_refused_entries(tmp_path: Path, entry: E, message: str) -> None:

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 from csi.image.tree import (
     NAME_MAX,
+    PATH_MAX,
     S_IFBLK,
     S_IFCHR,
     S_IFDIR,
@@ -332,8 +333,8 @@ def make_node(entry: TarEntry, what: str, *, overlay_private_xattrs: bool = Fals
         xattrs=xattrs,
     )
     if ftype == S_IFLNK:
-        if not entry.linkname:
-            raise LayerError(f"{what}: a symlink with an empty target")
+        if not entry.linkname or len(entry.linkname) >= PATH_MAX:
+            raise LayerError(f"{what}: a symlink target must be 1..{PATH_MAX - 1} bytes")
         node.payload = entry.linkname
         node.size = len(entry.linkname)
     elif ftype in (S_IFCHR, S_IFBLK):
