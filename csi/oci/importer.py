@@ -32,6 +32,7 @@ from .layout import LayoutSource
 from .manifest import Platform
 from .objects import ObjectSink
 from .platform import host_platform
+from .prefetch import Prefetcher
 from .reference import ArchiveRef, DockerRef, LayoutRef, parse_source
 from .registry import RegistryClient, RegistrySource
 from .source import Layer, Resolved, Source
@@ -136,12 +137,16 @@ class _Run:
             try:
                 if layer.is_tar:
                     dec = Decompressed(blob, what)
-                    reader = ByteReader(dec)
-                    tar = TarReader(reader, what)
-                    apply_tar(tar, self.applier, self.sink, what, layers_mode=self.options.layers)
-                    reader.drain()  # bytes after the archive's end count for the diff_id
+                    with Prefetcher(dec) as ahead:
+                        reader = ByteReader(ahead)
+                        tar = TarReader(reader, what)
+                        apply_tar(
+                            tar, self.applier, self.sink, what, layers_mode=self.options.layers
+                        )
+                        reader.drain()  # bytes after the archive's end count for the diff_id
                 else:
-                    self._plain_file(layer, blob, what)
+                    with Prefetcher(lambda: blob.read(CHUNK)) as ahead:
+                        self._plain_file(layer, ByteReader(ahead), what)
             except LayerError as e:
                 # A corrupt blob explains a malformed stream better than the stream does.
                 if layer.digest is not None:
@@ -156,7 +161,7 @@ class _Run:
         finally:
             raw.close()
 
-    def _plain_file(self, layer: Layer, blob: CheckedBlob, what: str) -> None:
+    def _plain_file(self, layer: Layer, reader: ByteReader, what: str) -> None:
         if layer.title:
             path = layer.title.encode("utf-8", "surrogateescape")
             if any(p.startswith(WHITEOUT_PREFIX) for p in path.split(b"/")):
@@ -167,7 +172,6 @@ class _Run:
         if path.strip(b"/") in self.titles:
             raise LayerError(f"{what}: two layers are titled {layer.title!r}")
         self.titles.add(path.strip(b"/"))
-        reader = ByteReader(lambda: blob.read(CHUNK))
         add_file(reader, layer.size, path, self.applier, self.sink, what)
 
 
