@@ -21,7 +21,7 @@ from csi.oci.streams import ByteReader
 from csi.oci.tarstream import TarReader
 from csi.oci.unpack import apply_tar
 from csi.repo import Repository
-from tests.ocikit import E, layer_tar, random_layers
+from tests.ocilayers import E, layer_tar, random_layers
 
 
 def apply_layers(

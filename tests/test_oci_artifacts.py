@@ -18,15 +18,8 @@ from csi.oci.importer import ImportOptions, run_import
 from csi.repo import Repository
 from csi.repo import provenance as prov
 from tests.fuse_helpers import fuse_unavailable, run_daemon
-from tests.ocikit import (
-    E,
-    Layout,
-    layer_tar,
-    push_blobs_and_manifest,
-    registry,
-    repo_files,
-    tools_missing,
-)
+from tests.ocikit import push_blobs_and_manifest, registry, repo_files, tools_missing
+from tests.ocilayers import E, Layout, layer_tar
 from tests.support.kernel import have_kernel_composefs, mount_composefs
 from tests.support.snapshot import diff_snapshots, snapshot
 

@@ -19,16 +19,8 @@ from csi.oci.errors import AuthError, RegistryError
 from csi.oci.importer import ImportOptions, run_import
 from csi.repo import Repository
 from tests.fetchkit import make_tls
-from tests.ocikit import (
-    E,
-    Layout,
-    TokenServer,
-    htpasswd_file,
-    layer_tar,
-    registry,
-    repo_files,
-    tools_missing,
-)
+from tests.ocikit import TokenServer, htpasswd_file, registry, repo_files, tools_missing
+from tests.ocilayers import E, Layout, layer_tar
 
 ROOT = Path(__file__).resolve().parents[1]
 PASSWORD = "s3cret-Pw-9f2b"

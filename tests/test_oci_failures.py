@@ -29,7 +29,8 @@ from csi.oci.importer import ImportOptions, run_import
 from csi.oci.manifest import Platform
 from csi.repo import Repository
 from csi.repo.tmpfiles import WORKER_TEMP_SUFFIX
-from tests.ocikit import E, Layout, Registry, layer_tar, registry, repo_files, tools_missing
+from tests.ocikit import Registry, registry, repo_files, tools_missing
+from tests.ocilayers import E, Layout, layer_tar
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = [E("./", "dir"), E("etc", "dir"), E("etc/motd", data=b"welcome " * 40)]

@@ -31,10 +31,7 @@ from csi.repo import Repository
 from csi.repo import provenance as prov
 from tests.fuse_helpers import fuse_unavailable, run_daemon
 from tests.ocikit import (
-    Layout,
     Registry,
-    layer_tar,
-    random_layers,
     registry,
     repo_files,
     run,
@@ -43,6 +40,7 @@ from tests.ocikit import (
     umoci_image,
     umoci_unpack,
 )
+from tests.ocilayers import Layout, layer_tar, random_layers
 from tests.support.kernel import escape_overlay_path, have_kernel_composefs, mount_composefs
 from tests.support.snapshot import Snapshot, diff_snapshots, snapshot
 
