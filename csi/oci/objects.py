@@ -96,6 +96,7 @@ class ObjectSink:
             path = f"{self._tmpdir}/{self._tag}{secrets.token_hex(8)}{WORKER_TEMP_SUFFIX}"
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             try:
+                os.fchmod(fd, 0o644)  # whatever the umask: objects are readable by all
                 w.attach(fd, direct=size >= DIRECT_MIN_SIZE and enable_direct(fd))
                 while left:
                     room = w.space()
