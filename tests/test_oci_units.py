@@ -238,3 +238,33 @@ def test_cli_arguments() -> None:
     assert proc.returncode == 1 and "expected docker://NAME" in proc.stderr
     proc = cli("oci:/x", "--repo", "/tmp/unused-repo-for-cli-test", "--platform", "linux")
     assert proc.returncode == 1 and "OS/ARCH" in proc.stderr
+
+
+def test_cli_layers_output(tmp_path: Path) -> None:
+    """``--layers`` prints one digest per layer (lowest first) and names them NAME-layerN."""
+    from tests.ocilayers import E, Layout, layer_tar
+
+    layout = Layout(tmp_path / "layout")
+    base = layer_tar([E("./", "dir"), E("a", data=b"a" * 100), E("d", "dir"), E("d/x")])
+    top = layer_tar([E("a", "whiteout"), E("d", "opaque"), E("d/y", data=b"y" * 100)])
+    src = layout.tag("v1", layout.image([base, top]))
+    repo = tmp_path / "repo"
+    proc = subprocess.run(
+        [sys.executable, "-m", "csi.cli.main", "import", src, "--repo", str(repo), "--layers",
+         "--ref", "app"],
+        capture_output=True, text=True, cwd=ROOT, check=True,
+    )  # fmt: skip
+    digests = proc.stdout.split()
+    assert len(digests) == 2 and all(d.startswith("sha256:") for d in digests)
+    assert f'layers: "{digests[0]},{digests[1]}"' in proc.stderr
+    r = Repository(repo)
+    assert [f"sha256:{r.resolve_ref(f'app-layer{i}').hex()}" for i in (0, 1)] == digests
+    record = prov.ref_record(r, "app-layer1")
+    assert record is not None and record["layer_index"] == 1 and record["source"] == src
+    out = subprocess.run(
+        [sys.executable, "-m", "csi.cli.main", "import", src, "--repo", str(repo), "--json"],
+        capture_output=True, text=True, cwd=ROOT, check=True,
+    ).stdout  # fmt: skip
+    doc = json.loads(out)
+    assert doc["kind"] == "image" and doc["layers"] == 2 and len(doc["images"]) == 1
+    assert doc["images"][0] not in digests  # the flattened image is another tree
