@@ -195,6 +195,12 @@ def test_xattrs_umoci_never_sets_are_dropped(tmp_path: Path) -> None:
     assert f is not None and f.xattrs == {b"user.kept": b"1", b"trusted.kept": b"2"}
 
 
+def test_symlinks_are_0777(tmp_path: Path) -> None:
+    flat, _ = apply_layers(tmp_path, [[D("./"), E("l", "symlink", target="x", mode=0o700)]])
+    link = lookup(flat, "l")
+    assert link is not None and link.mode == stat.S_IFLNK | 0o777
+
+
 def test_implicit_directories(tmp_path: Path) -> None:
     flat, _ = apply_layers(tmp_path, [[E("a/b/c", data=b"c")]])
     a = lookup(flat, "a")

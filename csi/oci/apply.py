@@ -22,6 +22,8 @@ What an entry does (umoci 0.4 ``UnpackEntry``, ``archive/tar`` header semantics)
   what this layer itself created (and the directories above it), as umoci's ``upperPaths``.
   They are applied where they occur in the stream.
 - The root entry (``./``) may only be a directory and sets the root's metadata.
+- Symlinks are mode 0777 whatever their header says (as ``symlink(2)`` makes them; umoci does
+  not chmod them).
 - Extended attributes umoci never sets are dropped: ``security.selinux``, ``system.nfs4_acl``
   and the overlay-private ``trusted.overlay.{opaque,redirect,origin,impure,nlink,upper,
   metacopy}``.
@@ -337,6 +339,7 @@ def make_node(entry: TarEntry, what: str, *, overlay_private_xattrs: bool = Fals
             raise LayerError(f"{what}: a symlink target must be 1..{PATH_MAX - 1} bytes")
         node.payload = entry.linkname
         node.size = len(entry.linkname)
+        node.mode = S_IFLNK | 0o777  # what symlink(2) makes, whatever the header says
     elif ftype in (S_IFCHR, S_IFBLK):
         if not (0 <= entry.devmajor <= 0xFFF and 0 <= entry.devminor <= 0xFFFFF):
             raise LayerError(
