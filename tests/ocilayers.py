@@ -127,6 +127,8 @@ def random_layers(seed: int, n_layers: int = 3, *, cross_layer_links: bool = Tru
             m["mode"] = rng.choice([0o755, 0o755, 0o700, 0o1777, 0o2755])
         elif kind == "file":
             m["mode"] = rng.choice([0o644, 0o600, 0o755, 0o4755, 0o640])
+        elif kind == "symlink":
+            m["mode"] = rng.choice([0o777, 0o755])  # shown as 0777 whatever the header says
         if kind in ("dir", "file") and rng.random() < 0.3:  # (no user.* on symlinks)
             m["xattrs"] = {"user.k" + str(rng.randrange(3)): rng.randbytes(rng.randrange(0, 30))}
             if rng.random() < 0.3:
