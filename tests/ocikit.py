@@ -271,12 +271,13 @@ class TokenServer:
 
 
 def repo_files(root: Path) -> set[str]:
-    """Every file and symlink under a repository (relative), the temp area's lock files aside."""
+    """Every file and symlink under a repository (relative), the temp area's lock files and
+    the owner files of live processes (this one's) aside."""
     out = set()
     for dirpath, _dirs, files in os.walk(root):
         for f in files:
             rel = os.path.relpath(os.path.join(dirpath, f), root)
-            if rel.startswith(".tmp/locks/"):
+            if rel.startswith((".tmp/locks/", ".tmp/owners/")):
                 continue
             out.add(rel)
     return out
