@@ -182,3 +182,22 @@ def test_only_mounts_with_our_source_are_ours() -> None:
         "102 36 0:54 / /k/c rw - tmpfs composefs-csi:0123456789ab rw\n"
     )
     assert [is_ours(m, "composefs-csi:0123456789ab") for m in table] == [True, False, False]
+
+
+def test_the_monitor_leaves_a_mount_over_a_target_alone(
+    node: Node, images: tuple[Path, list[RepoImage]]
+) -> None:
+    """Someone else mounted over a published target: the mount monitor neither repairs it
+    (which would mean mounting over their mount) nor counts it as broken."""
+    target = node.target("covered")
+    assert _publish(node, "v1", target, _ctx(images)) == grpc.StatusCode.OK
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "theirs", str(target)], check=True)
+    try:
+        monitor = node.plugin.monitor
+        for _ in range(3):
+            assert monitor.run_once() == []
+        assert monitor.check() is None
+        assert mounts_at(target)[-1].fstype == "tmpfs"
+    finally:
+        subprocess.run(["umount", str(target)], check=True)
+    assert _unpublish(node, "v1", target) == grpc.StatusCode.OK

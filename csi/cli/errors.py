@@ -14,6 +14,7 @@ def describe(e: BaseException) -> str | None:
         ("csi.repo.errors", "RepoError"),
         ("csi.store.errors", "StoreError"),
         ("csi.fetch.errors", "FetchError"),
+        ("csi.oci.errors", "OciError"),
         ("csi.config", "ConfigError"),
     ):
         try:

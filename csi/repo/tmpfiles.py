@@ -22,6 +22,7 @@ in every pid namespace that shares the filesystem: a containerised process is of
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import fcntl
@@ -266,6 +267,8 @@ class TempArea:
                     os.close(fd)
                     continue
                 self._owner = (os.getpid(), oid, fd)
+                # Gone with a normal exit; after a crash, the next clean() removes it.
+                atexit.register(self.close)
                 return oid
 
     def owner_alive(self, oid: str) -> bool:

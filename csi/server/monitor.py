@@ -26,6 +26,9 @@ from .volumes import VolumeManager
 
 log = logging.getLogger(__name__)
 
+#: A target that stays broken is logged again every this many rounds, not at every one.
+LOG_EVERY = 30
+
 
 class MountMonitor:
     def __init__(
@@ -85,10 +88,14 @@ class MountMonitor:
         for target in self.manager.published_targets():
             seen.add(target)
             problem = self.manager.target_problem(target, table, device, deep=deep)
-            if problem is None:
+            if problem is None or self.manager.covered_by_foreign(target, table):
+                # Healthy, or covered by someone else's mount: nothing this plugin may change.
                 self._healthy(target)
                 continue
-            log.warning("published volume at %s: %s; repairing it", target, problem)
+            with self._mu:
+                first = target not in self._broken_since
+            if first:
+                log.warning("published volume at %s: %s; repairing it", target, problem)
             try:
                 if self.manager.repair_target(target):
                     repaired.append(target)
@@ -96,7 +103,8 @@ class MountMonitor:
                     continue
             except Exception as e:
                 problem = f"{problem}; repair failed: {e}"
-                log.error("cannot repair %s: %s", target, e)
+                if first or self._rounds % LOG_EVERY == 0:  # not every round
+                    log.error("cannot repair %s: %s", target, e)
             with self._mu:
                 self._broken_since.setdefault(target, now)
                 self._problems[target] = problem

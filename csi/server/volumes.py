@@ -366,16 +366,25 @@ class VolumeManager:
         finally:
             opened.close()
 
-    def _clear_target(self, target: str) -> None:
-        """Unmount what mounts of ours a lost record left at ``target`` (dead ones included).
-        Anyone else's mount there is left alone, and the publish refused."""
+    def _refuse_foreign(self, target: str) -> None:
+        """FAILED_PRECONDITION if someone else's mount is at ``target``: never touched."""
         foreign = mounts.foreign_mounts(target, self.mount_source)
         if foreign:
             m = foreign[-1]
             raise precondition(
-                f"target {target} already has a mount that is not this driver's "
+                f"target {target} has a mount that is not this driver's "
                 f"({m.fstype[:40]} from {m.source[:80]!r}): refusing to mount over it"
             )
+
+    def covered_by_foreign(self, target: str, table: list[mounts.MountInfo]) -> bool:
+        """The top mount at ``target`` is someone else's (nothing this plugin may repair)."""
+        stack = mounts.mounts_at(target, table)
+        return bool(stack) and not mounts.is_ours(stack[-1], self.mount_source)
+
+    def _clear_target(self, target: str) -> None:
+        """Unmount what mounts of ours a lost record left at ``target`` (dead ones included).
+        Anyone else's mount there is left alone, and the publish refused."""
+        self._refuse_foreign(target)
         mounts.unmount_ours(target, self.mount_source)
 
     def _undo_target(self, rec: TargetRecord) -> None:
@@ -477,12 +486,7 @@ class VolumeManager:
                 f"cannot repair {rec.target_path} from it",
             )
         self.state.set_target_view(rec.target_path, view.key, str(view.path))
-        foreign = mounts.foreign_mounts(rec.target_path, self.mount_source)
-        if foreign:
-            raise precondition(
-                f"target {rec.target_path} is covered by a mount that is not this driver's "
-                f"({foreign[-1].fstype[:40]}): not repairing it"
-            )
+        self._refuse_foreign(rec.target_path)
         self._bind(view.path, rec.target_path)
         m.MOUNTS_REPAIRED.inc()
         log.info("repaired the mount of volume %s at %s", rec.volume_id, rec.target_path)
