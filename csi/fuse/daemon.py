@@ -100,7 +100,9 @@ class DataPlane:
             prefetch_threads=config.prefetch_threads,
             fetch_timeout=config.fetch_timeout,
         )
-        self.fs = DataPlaneFS(self.objects, timeout=config.cache_timeout)
+        self.fs = DataPlaneFS(
+            self.objects, timeout=config.cache_timeout, kernel_opens=config.kernel_opens
+        )
         self.listings = ListingCache(config.listing_cache_entries)
         self._nursery: trio.Nursery | None = None
         self._adding: dict[str, trio.Lock] = {}
@@ -116,6 +118,18 @@ class DataPlane:
         pyfuse3.init(self.fs, os.fspath(mp), fuse_options(self.config))
         self.fs.mounted = True
         log.info("mounted %s at %s", FSNAME, mp)
+        if self.fs.inode_as_fh:
+            log.info("the kernel opens files itself and caches their contents and listings")
+        elif self.config.kernel_opens:
+            log.warning(
+                "pyfuse3 %s lacks the inode_as_fh patch (patches/ in the source tree): every "
+                "open, close and directory listing goes through the data plane, several times "
+                "slower for many small files; install the patched pyfuse3 (scripts/setup.sh, "
+                "or the container image)",
+                getattr(pyfuse3, "__version__", "?"),
+            )
+        else:
+            log.info("kernel-handled opens are turned off (kernel_opens: false)")
 
     def unmount(self) -> None:
         if self.fs.mounted:
@@ -300,6 +314,7 @@ class DataPlane:
                 key, slot, digests[0], imgs[0], timeout=self.fs.timeout, listings=self.listings
             )
         self.fs.attach(view)
+        await trio.to_thread.run_sync(self.fs.invalidate_root)
         return view
 
     def _start_prefetch(self, view: View, source: ObjectSource) -> None:
@@ -333,6 +348,7 @@ class DataPlane:
             view.prefetch_scope.cancel()
         self.fs.detach(view)
         await trio.to_thread.run_sync(self.fs.forget_entry, view)
+        await trio.to_thread.run_sync(self.fs.invalidate_root)
         log.info("view %s removed", key)
         return {"removed": True, "holders": 0}
 
