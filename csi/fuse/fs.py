@@ -481,14 +481,25 @@ class DataPlaneFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         view = self._view(ino)
         ref = view.file(ino)
-        if off >= ref.size:
+        end = min(off + size, ref.size)
+        if off >= end:
             return b""
-        obj = await self._acquire(view, ref)
-        try:
-            return await self._read(ref, obj, off, size)
-        finally:
-            if obj is not None:
-                self.objects.release(obj)
+        if ref.digest is None:
+            data = ref.image.read_inline(ref.nid, off, end - off)
+        else:
+            try:
+                data = await self.objects.read(
+                    ref.digest, ref.size, view.lazy_source, end - off, off
+                )
+            except ObjectMissing:
+                raise pyfuse3.FUSEError(errno.ENOENT) from None
+            except ObjectUnavailable:
+                raise pyfuse3.FUSEError(errno.EIO) from None
+            except OSError as e:
+                log.error("reading object %s: %s", ref.digest.hex(), e)
+                raise pyfuse3.FUSEError(errno.EIO) from None
+        metrics.READ_BYTES.inc(len(data))
+        return data
 
     async def _read(self, ref: FileRef, obj: ObjectFile | None, off: int, size: int) -> bytes:
         end = min(off + size, ref.size)
@@ -534,6 +545,7 @@ class DataPlaneFS(pyfuse3.Operations):
         self._by_slot.clear()
         self._retired.clear()
         self.objects.fds.close_all()
+        self.objects.io.close()
         self._update_view_metrics()
 
 
