@@ -3,22 +3,28 @@
 #
 #   docker build -t composefs-csi:0.1.0 .
 #
-# Stage "build" compiles the wheels with C extensions (pyfuse3, pycurl, xxhash) against the
-# -dev packages; the runtime stage installs those wheels into a venv next to the shared
-# libraries only (fuse3, libcurl), without compilers or headers.
+# Stage "build" compiles the wheels with C extensions (pyfuse3 with the patches of patches/,
+# pycurl, xxhash) against the -dev packages; the runtime stage installs those wheels into a
+# venv next to the shared libraries only (fuse3, libcurl), without compilers or headers.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
-      gcc libc6-dev pkg-config libfuse3-dev libcurl4-openssl-dev libssl-dev \
+      gcc libc6-dev pkg-config libfuse3-dev libcurl4-openssl-dev libssl-dev patch \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
+# pyfuse3 as scripts/setup.sh installs it: the pinned sdist (SHA-256 checked) with the
+# patches of patches/ (kernel-handled opens and cached listings in the data plane).
+COPY patches ./patches
+COPY scripts/build-pyfuse3.sh ./scripts/build-pyfuse3.sh
+RUN scripts/build-pyfuse3.sh /pyfuse3 python
 COPY pyproject.toml README.md ./
 COPY csi ./csi
-# Wheels of the package and of every dependency (pyfuse3 and pycurl are built here).
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# Wheels of the package and of every dependency (pycurl is built here); naming the patched
+# pyfuse3 wheel makes pip use it rather than any pyfuse3 from PyPI.
+RUN pip wheel --no-cache-dir --wheel-dir /wheels /pyfuse3/pyfuse3-*.whl .
 
 FROM ${PYTHON_IMAGE} AS runtime
 ARG VERSION=0.1.0

@@ -134,6 +134,8 @@ class DataPlaneFS(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
     enable_acl = False
+    #: Symlink targets never change: the kernel may keep them (patched pyfuse3 only).
+    enable_symlink_cache = True
 
     def __init__(
         self, objects: ObjectStoreAccess, *, timeout: float, kernel_opens: bool = True
