@@ -118,18 +118,6 @@ class DataPlane:
         pyfuse3.init(self.fs, os.fspath(mp), fuse_options(self.config))
         self.fs.mounted = True
         log.info("mounted %s at %s", FSNAME, mp)
-        if self.fs.inode_as_fh:
-            log.info("the kernel opens files itself and caches their contents and listings")
-        elif self.config.kernel_opens:
-            log.warning(
-                "pyfuse3 %s lacks the inode_as_fh patch (patches/ in the source tree): every "
-                "open, close and directory listing goes through the data plane, several times "
-                "slower for many small files; install the patched pyfuse3 (scripts/setup.sh, "
-                "or the container image)",
-                getattr(pyfuse3, "__version__", "?"),
-            )
-        else:
-            log.info("kernel-handled opens are turned off (kernel_opens: false)")
 
     def unmount(self) -> None:
         if self.fs.mounted:

@@ -146,6 +146,18 @@ class DataPlaneFS(pyfuse3.Operations):
         #: Read by a patched pyfuse3: ``read`` and ``readdir`` get inode numbers.
         self.inode_as_fh = kernel_opens and kernel_opens_supported()
         metrics.KERNEL_OPENS.set(1 if self.inode_as_fh else 0)
+        if self.inode_as_fh:
+            log.info("the kernel opens files itself and caches their contents and listings")
+        elif kernel_opens:
+            log.warning(
+                "pyfuse3 %s lacks the inode_as_fh patch (patches/ in the source tree): every "
+                "open, close and directory listing goes through the data plane, several times "
+                "slower for many small files; install the patched pyfuse3 (scripts/setup.sh, "
+                "or the container image)",
+                getattr(pyfuse3, "__version__", "?"),
+            )
+        else:
+            log.info("kernel-handled opens are turned off (kernel_opens: false)")
         #: Lookup counts the kernel holds, by view slot (what FORGET gives back).
         self._lookups: dict[int, int] = {}
         self.views: dict[str, View] = {}
