@@ -327,3 +327,32 @@ def _gauge(name: str) -> float:
     value = REGISTRY.get_sample_value(name)
     assert value is not None
     return value
+
+
+def test_small_reads_leave_the_trio_thread_only_when_local_reads_are_slow(
+    tmp_path: Path,
+) -> None:
+    """Small uncached reads run on the calling thread while such reads have been fast, and
+    on worker threads once they are slow on average (e.g. a network disk); large reads
+    always go to a worker thread."""
+    from csi.fuse.objects import INLINE_IO_MAX
+
+    fs, _view, _small, obj, data = _fs_with_view(tmp_path, kernel_opens=True)
+    access = fs.objects
+    digest = fs.views["k"].file(obj).digest
+    assert digest is not None
+
+    async def main() -> None:
+        assert await access.read(digest, len(data), None, 4096, 0) == data[:4096]
+        assert len(access.io) == 0  # no worker thread was needed
+        assert 0 < access.io_time < INLINE_IO_MAX
+        access.fds.close_all()
+        access.io_time = INLINE_IO_MAX * 10  # as if the disk were slow
+        assert await access.read(digest, len(data), None, 4096, 4096) == data[4096:8192]
+        assert len(access.io) == 1
+        access.io_time = 0.0
+        big = await access.read(digest, len(data), None, 1 << 20, 0)  # clamped by pread
+        assert big == data
+
+    trio.run(main)
+    access.io.close()

@@ -37,7 +37,7 @@ class DataPlaneConfig:
     listing_cache_entries: int = 100_000
     #: Idle object file descriptors kept open (those in use are never closed).
     fd_cache_size: int = 1024
-    #: Threads doing file I/O (pread, open) at once.
+    #: Threads doing file I/O (pread, open) at once (:class:`csi.fuse.iothreads.IoThreads`).
     io_threads: int = 32
     #: Objects fetched at once for reads waiting on a lazy view's missing object.
     demand_fetch_threads: int = 16

@@ -1,7 +1,9 @@
 """The pyfuse3 filesystem: the mount root lists views; each view is one subdirectory.
 
-Every handler runs on the trio thread and never blocks it: metadata comes from memory-mapped
-images, object opens and reads go to worker threads (:mod:`csi.fuse.objects`). Handlers never
+Every handler runs on the trio thread: metadata comes from memory-mapped images; object opens
+and reads go to worker threads, except small reads that the page cache answers or that a fast
+local disk answers sooner than a trip to a thread would take (:mod:`csi.fuse.objects`); a
+read waiting for a lazily fetched object never holds up the others. Handlers never
 raise anything but :class:`pyfuse3.FUSEError` (pyfuse3 stops serving on any other exception):
 a malformed image or an unexpected failure is logged and answered with EIO.
 
