@@ -6,6 +6,7 @@ files" and "memory" bars).
     python -m bench.fuse --only small,walk     # some of: reads, walk, small, memory
     python -m bench.fuse --small-files 50000   # a bigger small-file tree (~2 GB)
     python -m bench.fuse --workdir DIR         # keep the generated store in DIR between runs
+    python -m bench.fuse --file-handles        # serve as with stock pyfuse3, for comparison
 
 Needs root (drop_caches, mounts, FUSE) and kernel composefs support. Measured in one run,
 medians of ``--rounds``:
@@ -407,6 +408,11 @@ def main(argv: list[str] | None = None) -> int:
         help="files in the small-file tree (default 10000, ~400 MB; --quick: 2000)",
     )
     ap.add_argument(
+        "--file-handles",
+        action="store_true",
+        help="serve as with stock pyfuse3 (every open and listing through the daemon)",
+    )
+    ap.add_argument(
         "--only",
         default=",".join(PARTS),
         help=f"comma-separated parts to run (default: all of {','.join(PARTS)})",
@@ -431,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     port = _free_port()
     ok = True
     mb = 1e6
-    with run_daemon(store, work=work, metrics_address=f"127.0.0.1:{port}") as d:
+    extra = {"kernel_opens": False} if args.file_handles else {}
+    with run_daemon(store, work=work, metrics_address=f"127.0.0.1:{port}", **extra) as d:
         if "reads" in parts:
             r = bench_reads(d, store, bytes.fromhex(str(st["large"])), list(st["names"]), rounds)  # type: ignore[arg-type]
             cold = r["fuse_cold"] / r["direct_cold"]
@@ -485,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
                     f" FUSE requests per file {per_file:.2f} ({detail or 'none'})"
                 )
     if "memory" in parts:
-        with run_daemon(store, work=work) as d:
+        with run_daemon(store, work=work, **extra) as d:
             m = bench_memory(d, [bytes.fromhex(h) for h in st["ten"]], work)  # type: ignore[attr-defined]
         ok = ok and m["hundred_volumes_mb"] <= 150
         print(
