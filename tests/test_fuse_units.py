@@ -356,3 +356,13 @@ def test_small_reads_leave_the_trio_thread_only_when_local_reads_are_slow(
 
     trio.run(main)
     access.io.close()
+
+
+def test_kernel_version_parsing_for_kernel_opens() -> None:
+    from csi.fuse.fs import _NO_OPENDIR_KERNEL, _kernel_version
+
+    assert _kernel_version("6.18.44-fc-v1300") == (6, 18)
+    assert _kernel_version("5.1.0") == _NO_OPENDIR_KERNEL
+    assert _kernel_version("4.19.0-27-amd64") < _NO_OPENDIR_KERNEL
+    assert _kernel_version("5.10rc1") == (5, 10)
+    assert _kernel_version("weird") == (0, 0)

@@ -31,6 +31,7 @@ import errno
 import functools
 import logging
 import os
+import re
 import stat
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -66,6 +67,15 @@ def kernel_opens_supported() -> bool:
     """Whether this pyfuse3 passes inode numbers to ``read`` and ``readdir`` (the
     ``inode_as_fh`` patch), which lets the kernel handle opens and cache listings."""
     return hasattr(pyfuse3.Operations, "inode_as_fh")
+
+
+#: Linux takes ENOSYS from open as "open it yourself" since 4.20, from opendir since 5.1.
+_NO_OPENDIR_KERNEL = (5, 1)
+
+
+def _kernel_version(release: str) -> tuple[int, int]:
+    m = re.match(r"(\d+)\.(\d+)", release)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
 
 def _errname(err: int) -> str:
@@ -146,10 +156,17 @@ class DataPlaneFS(pyfuse3.Operations):
         self.objects = objects
         self.timeout = timeout
         #: Read by a patched pyfuse3: ``read`` and ``readdir`` get inode numbers.
-        self.inode_as_fh = kernel_opens and kernel_opens_supported()
+        old_kernel = _kernel_version(os.uname().release) < _NO_OPENDIR_KERNEL
+        self.inode_as_fh = kernel_opens and kernel_opens_supported() and not old_kernel
         metrics.KERNEL_OPENS.set(1 if self.inode_as_fh else 0)
         if self.inode_as_fh:
             log.info("the kernel opens files itself and caches their contents and listings")
+        elif kernel_opens and old_kernel:
+            log.warning(
+                "Linux %s cannot open FUSE files and directories by itself (5.1 or newer "
+                "needed): every open and listing goes through the data plane (slower)",
+                os.uname().release,
+            )
         elif kernel_opens:
             log.warning(
                 "pyfuse3 %s lacks the inode_as_fh patch (patches/ in the source tree): every "
