@@ -69,7 +69,7 @@ def kernel_opens_supported() -> bool:
     return hasattr(pyfuse3.Operations, "inode_as_fh")
 
 
-#: Linux takes ENOSYS from open as "open it yourself" since 4.20, from opendir since 5.1.
+#: Linux takes ENOSYS from opendir as "open it yourself" since 5.1 (from open a little earlier).
 _NO_OPENDIR_KERNEL = (5, 1)
 
 
