@@ -89,11 +89,13 @@ class DataPlane:
         self.config = config
         self.store_root = Path(config.store)
         self.store = StoreHandle(self.store_root)
+        store_prefix = os.path.join(os.fspath(self.store_root), "")
         self.sources = sources or SourceRegistry(
             config.repositories, self.store, config.default_repository
         )
         self.objects = ObjectStoreAccess(
-            lambda d: self.store_root / layout.object_relpath(d),
+            # A string, not a Path: built for every read of a file not read before.
+            lambda d: f"{store_prefix}{layout.object_relpath(d)}",
             fd_cache_size=config.fd_cache_size,
             io_threads=config.io_threads,
             demand_fetch_threads=config.demand_fetch_threads,

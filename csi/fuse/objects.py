@@ -22,7 +22,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol
 
 import trio
@@ -98,7 +97,7 @@ def _pread_cached(fd: int, size: int, offset: int) -> bytearray | None:
     return buf
 
 
-def _open_pread(path: Path, size: int, offset: int) -> tuple[int, bytes, float]:
+def _open_pread(path: str | os.PathLike[str], size: int, offset: int) -> tuple[int, bytes, float]:
     """Open an object and read from it (one trip to a worker thread for both); also how
     long that took."""
     started = time.perf_counter()
@@ -216,7 +215,7 @@ class ObjectStoreAccess:
 
     def __init__(
         self,
-        object_path: Callable[[bytes], Path],
+        object_path: Callable[[bytes], str | os.PathLike[str]],
         *,
         fd_cache_size: int,
         io_threads: int,
@@ -246,7 +245,7 @@ class ObjectStoreAccess:
         self._nursery = nursery
 
     def has_object(self, digest: bytes) -> bool:
-        return self.object_path(digest).is_file()
+        return os.path.isfile(self.object_path(digest))
 
     async def acquire(self, digest: bytes, size: int, source: ObjectSource | None) -> ObjectFile:
         """An open descriptor for the object of ``size`` bytes (release it with
