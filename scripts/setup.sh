@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
   python3 python3-venv python3-dev gcc pkg-config   # venv and C extensions (pyfuse3, xxhash)
-  fuse3 libfuse3-dev                                # FUSE data plane
+  fuse3 libfuse3-dev patch                          # FUSE data plane; patched pyfuse3 (patches/)
   nginx curl openssl                                # repositories served over HTTP(S) in tests/bench
   erofs-utils kmod util-linux mount                 # fsck.erofs, modprobe, losetup, mount
   prometheus                                        # evaluates the dashboard's queries in tests
@@ -41,6 +41,17 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating virtual environment .venv"
   "$PY" -m venv .venv
+fi
+# pyfuse3 with the patches of patches/ (scripts/build-pyfuse3.sh): its version names the
+# patch set, so it is rebuilt (into build/pyfuse3, kept between runs) only when that changes.
+want_pyfuse3=$(scripts/build-pyfuse3.sh --version)
+have_pyfuse3=$(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("pyfuse3"))' \
+  2>/dev/null || true)
+if [ "$have_pyfuse3" != "$want_pyfuse3" ]; then
+  echo "setup: installing pyfuse3 $want_pyfuse3 (patched) into .venv"
+  .venv/bin/python -m pip install -q --upgrade pip
+  wheel=$(scripts/build-pyfuse3.sh build/pyfuse3 .venv/bin/python)
+  .venv/bin/python -m pip install -q --force-reinstall --no-deps "$wheel"
 fi
 stamp=.venv/.composefs-csi-installed
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)

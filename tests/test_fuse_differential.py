@@ -69,6 +69,43 @@ def test_generated_trees_match_kernel(tmp_path: Path, seed: int) -> None:
         compare(store, digest, d.view_path([digest]))
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_generated_trees_match_kernel_with_file_handles(tmp_path: Path, seed: int) -> None:
+    """The way stock pyfuse3 serves (every open and listing through the daemon) shows the
+    same as the kernel-opens way."""
+    store = tmp_path / "store"
+    tree, blobs = random_tree(seed, n=150)
+    digest = add_image(store, tree, blobs)
+    with run_daemon(store, kernel_opens=False) as d:
+        compare(store, digest, d.view_path([digest]))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_lazy_views_match_kernel(tmp_path: Path, seed: int) -> None:
+    """A lazy view (only the image local; objects fetched as files are read) shows what the
+    kernel mount over the complete objects shows."""
+    from csi.image.writer import write_image
+    from csi.repo import Repository
+    from csi.store import Store
+
+    repo = Repository(tmp_path / "repo", create=True)
+    tree, blobs = random_tree(seed, n=150)
+    for data in blobs:
+        repo.add_object_bytes(data)
+    image = write_image(tree)
+    digest = repo.add_image(image)
+    store = tmp_path / "store"
+    with Store(store) as s:
+        s.add_image_bytes(image)
+    with run_daemon(store, repositories={"main": str(repo.root)}, prefetch_threads=1) as d:
+        view = Path(d.client.add_view([digest], "test", lazy=True)["path"])
+        ours = snapshot(view, ino_mask=NID_MASK)
+        with mount_composefs(repo.root / "images" / digest.hex(), repo.root / "objects") as k:
+            theirs = snapshot(k, ino_mask=NID_MASK)
+        problems = diff(ours, theirs)
+        assert not problems, "\n".join(problems)
+
+
 def test_ten_thousand_entry_directory(tmp_path: Path) -> None:
     store = tmp_path / "store"
     tree, blobs = random_tree(99, big_dir=10_000, n=30)

@@ -21,7 +21,7 @@ import pytest
 from csi.image.fsverity import digest_file
 from csi.image.tree import S_IFDIR, Node, Tree
 from csi.repo import Repository
-from tests.fuse_helpers import external, fuse_unavailable, run_daemon
+from tests.fuse_helpers import add_objects, external, fuse_unavailable, run_daemon
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
 
@@ -247,3 +247,105 @@ def test_eager_view_of_missing_objects_is_enoent(world: tuple) -> None:  # type:
         # Upgrading the same view to lazy (another holder) starts fetching.
         d.client.add_view([digest], "pod-b", lazy=True)
         assert (view / "f4").read_bytes() == files["f4"]
+
+
+def test_lazy_read_that_failed_reads_right_once_the_object_arrives(world: tuple) -> None:  # type: ignore[type-arg]
+    """Nothing of a failed read stays cached in the kernel: once the object can be fetched,
+    the same file reads right (through the descriptor that failed, and a new one)."""
+    gated, url, store, digest, files = world
+    from csi.image.fsverity import digest_bytes
+
+    h = digest_bytes(files["f6"]).hex()
+    gated.missing.add(f"/objects/{h[:2]}/{h[2:]}")
+    with run_daemon(store, repositories={"main": {"urls": [url], "allow_plain_http": True}}) as d:
+        view = Path(d.client.add_view([digest], "pod-a", lazy=True)["path"])
+        with open(view / "f6", "rb") as f:
+            with pytest.raises(OSError) as e:
+                f.read()
+            assert e.value.errno == errno.EIO
+            assert os.fstat(f.fileno()).st_size == len(files["f6"])
+            gated.missing.discard(f"/objects/{h[:2]}/{h[2:]}")
+            f.seek(0)
+            assert f.read() == files["f6"]
+        assert (view / "f6").read_bytes() == files["f6"]
+        assert os.stat(view / "f6").st_size == len(files["f6"])
+
+
+def test_file_opened_before_its_object_exists_reads_it_when_it_arrives(world: tuple) -> None:  # type: ignore[type-arg]
+    gated, url, store, digest, files = world
+    from csi.image.fsverity import digest_bytes
+
+    gate = gated.gate(digest_bytes(files["f7"]))
+    with run_daemon(store, repositories={"main": {"urls": [url], "allow_plain_http": True}}) as d:
+        view = Path(d.client.add_view([digest], "pod-a", lazy=True)["path"])
+        fd = os.open(view / "f7", os.O_RDONLY)
+        try:
+            out: dict[str, object] = {}
+
+            def read() -> None:
+                try:
+                    out["data"] = os.pread(fd, 1 << 20, 0)
+                except OSError as e:
+                    out["error"] = e
+
+            t = threading.Thread(target=read, daemon=True)
+            t.start()
+            assert (view / "f8").read_bytes() == files["f8"]  # other files are not held up
+            assert t.is_alive() and not out
+            gate.set()
+            t.join(60)
+            assert out.get("data") == files["f7"]
+            assert os.pread(fd, 100, 5) == files["f7"][5:105]
+        finally:
+            os.close(fd)
+        assert (view / "f7").read_bytes() == files["f7"]
+
+
+def test_many_waiting_lazy_reads_do_not_hold_up_local_files(tmp_path: Path) -> None:
+    """More lazy reads wait than the kernel lets run in the background by default (12): a
+    read of a file whose object is local still completes at once."""
+    from csi.image.fsverity import digest_bytes
+    from csi.image.writer import write_image
+    from csi.store import Store
+
+    repo = Repository(tmp_path / "repo", create=True)
+    tree = Tree(Node(mode=S_IFDIR | 0o755))
+    assert tree.root.entries is not None
+    files = {f"lazy{i}": os.urandom(20_000 + i) for i in range(24)}
+    files["local"] = os.urandom(30_000)
+    for name, data in files.items():
+        node, _ = external(data)
+        repo.add_object_bytes(data)
+        tree.root.add(name.encode(), node)
+    image = write_image(tree)
+    digest = repo.add_image(image)
+    store = tmp_path / "store"
+    with Store(store) as s:
+        s.add_image_bytes(image)
+    add_objects(store, [files["local"]])
+    gated = GatedRepo(repo.root)
+    for name, data in files.items():
+        if name != "local":
+            gated.gate(digest_bytes(data))
+    with (
+        gated.serving() as url,
+        run_daemon(
+            store,
+            repositories={"main": {"urls": [url], "allow_plain_http": True}},
+            prefetch_threads=1,
+        ) as d,
+    ):
+        view = Path(d.client.add_view([digest], "pod-a", lazy=True)["path"])
+        waiting = [_read_in_thread(view / n) for n in files if n != "local"]
+        deadline = time.monotonic() + 30
+        while len([r for r in gated.requests if r.startswith("/objects/")]) < 16:
+            assert time.monotonic() < deadline, gated.requests
+            time.sleep(0.05)
+        local, out = _read_in_thread(view / "local")
+        local.join(60)
+        assert out.get("data") == files["local"], d.log.read_text()[-3000:]
+        assert all(t.is_alive() and not o for t, o in waiting)
+        gated.open_all()
+        for (t, o), name in zip(waiting, [n for n in files if n != "local"], strict=True):
+            t.join(60)
+            assert o.get("data") == files[name]

@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 import urllib.request
 from pathlib import Path
 
@@ -88,9 +89,21 @@ def test_open_file_survives_view_removal(store_with_images: tuple[Path, list[byt
             n for n in os.listdir(view) if (view / n).is_file() and os.stat(view / n).st_size > 64
         )
         with open(view / name, "rb") as f:
+            expected = f.read()
             d.client.remove_view(a.hex(), "vol")
             assert not view.exists()
-            assert len(f.read()) == os.fstat(f.fileno()).st_size
+            # Without its cached pages, the read goes to the daemon, which still serves the
+            # removed view for what the kernel holds of it.
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            f.seek(0)
+            assert f.read() == expected
+            assert os.fstat(f.fileno()).st_size == len(expected)
+        # Once the kernel has forgotten the view's inodes, the daemon unmaps its image.
+        image = str(store / "images" / a.hex())
+        deadline = time.monotonic() + 30
+        while image in Path(f"/proc/{d.proc.pid}/maps").read_text():
+            assert time.monotonic() < deadline, "the removed view's image stays mapped"
+            time.sleep(0.05)
 
 
 def test_mount_cycles_leave_nothing_behind(store_with_images: tuple[Path, list[bytes]]) -> None:
@@ -174,3 +187,22 @@ def test_control_errors(store_with_images: tuple[Path, list[bytes]], tmp_path: P
         assert cl.ping()["views"] == 0
     with pytest.raises(DataPlaneUnavailable):
         DataPlaneClient(tmp_path / "no.sock").ping()
+
+
+def test_root_listing_follows_views_at_once(store_with_images: tuple[Path, list[bytes]]) -> None:
+    """The kernel caches the mount root's listing and attributes (kernel opens): adding or
+    removing a view invalidates them, so the next listing is right without waiting."""
+    store, (a, b, _) = store_with_images
+    with run_daemon(store) as d:
+        root = d.mountpoint
+        assert os.listdir(root) == [] and os.stat(root).st_nlink == 2
+        for _ in range(3):
+            d.client.add_view([a], "vol-a")
+            assert os.listdir(root) == [a.hex()] and os.stat(root).st_nlink == 3
+            d.client.add_view([b], "vol-b")
+            assert sorted(os.listdir(root)) == sorted([a.hex(), b.hex()])
+            assert os.stat(root).st_nlink == 4
+            d.client.remove_view(a.hex(), "vol-a")
+            assert os.listdir(root) == [b.hex()] and os.stat(root).st_nlink == 3
+            d.client.remove_view(b.hex(), "vol-b")
+            assert os.listdir(root) == [] and os.stat(root).st_nlink == 2

@@ -3,7 +3,9 @@ protocol and its client, and the view logic (image and composition) over in-memo
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import stat
 import threading
@@ -15,6 +17,7 @@ import trio
 from csi.fuse.client import DataPlaneClient, DataPlaneError
 from csi.fuse.control import ControlError, serve_connection
 from csi.fuse.daemon import view_key
+from csi.fuse.fs import DataPlaneFS, kernel_opens_supported
 from csi.fuse.inodes import MAX_SLOT, NID_MASK, make_ino, split_ino
 from csi.fuse.objects import FdCache
 from csi.fuse.views import CompositionView, ImageView, ListingCache, ViewError
@@ -189,3 +192,177 @@ def test_composition_view_rules_without_a_mount() -> None:
     assert a is not None and split_ino(a.st_ino)[1] == 0  # from the lower layer
     b = v.lookup(v.root_ino, b"b")
     assert b is not None and split_ino(b.st_ino)[1] == 1
+
+
+# -- the filesystem's two ways of serving (no mount: handlers called directly) -----------------
+
+
+def _fs_with_view(
+    tmp_path: Path, kernel_opens: bool
+) -> tuple[DataPlaneFS, ImageView, int, int, bytes]:
+    """A filesystem with one image view: ``small`` inline, ``obj`` backed by an object."""
+    from csi.fuse.objects import ObjectStoreAccess
+    from csi.image.fsverity import digest_bytes
+    from csi.image.tree import object_path
+
+    data = os.urandom(10_000)
+    digest = digest_bytes(data)
+    objects = tmp_path / "objects"
+    (objects / object_path(digest).decode()).parent.mkdir(parents=True)
+    (objects / object_path(digest).decode()).write_bytes(data)
+    t = Tree.empty()
+    assert t.root.entries is not None
+    t.root.add(b"small", Node(mode=S_IFREG | 0o644, size=3, content=b"abc"))
+    t.root.add(
+        b"obj",
+        Node(mode=S_IFREG | 0o644, size=len(data), payload=object_path(digest), digest=digest),
+    )
+    access = ObjectStoreAccess(
+        lambda d: objects / object_path(d).decode(),
+        fd_cache_size=4,
+        io_threads=2,
+        demand_fetch_threads=1,
+        prefetch_threads=1,
+        fetch_timeout=5,
+    )
+    fs = DataPlaneFS(access, timeout=5.0, kernel_opens=kernel_opens)
+    view = ImageView("k", fs.allocate_slot(), b"\0" * 32, _img(t), timeout=5.0)
+    fs.attach(view)
+    small = view.lookup(view.root_ino, b"small")
+    obj = view.lookup(view.root_ino, b"obj")
+    assert small is not None and obj is not None
+    return fs, view, small.st_ino, obj.st_ino, data
+
+
+def test_kernel_opens_with_the_patched_pyfuse3(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """open/opendir answer ENOSYS (the kernel opens by itself from then on) and read takes
+    the inode number."""
+    import pyfuse3
+
+    if not kernel_opens_supported():
+        pytest.skip("pyfuse3 without the inode_as_fh patch (scripts/setup.sh installs it)")
+    caplog.set_level(logging.INFO, logger="csi.fuse.fs")
+    fs, _view, small, obj, data = _fs_with_view(tmp_path, kernel_opens=True)
+    assert fs.inode_as_fh and pyfuse3.Operations.inode_as_fh is False  # set on ours only
+    assert _gauge("composefs_csi_fuse_kernel_opens") == 1
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+    async def main() -> None:
+        for call in (fs.open(obj, os.O_RDONLY, None), fs.opendir(fs.views["k"].root_ino, None)):
+            with pytest.raises(pyfuse3.FUSEError) as e:
+                await call
+            assert e.value.errno == errno.ENOSYS
+        assert await fs.read(small, 0, 4096) == b"abc"
+        assert await fs.read(obj, 0, 4096) == data[:4096]
+        assert await fs.read(obj, 9000, 4096) == data[9000:]  # clamped to the file size
+        assert await fs.read(obj, 10_000, 4096) == b""
+        assert await fs.read(obj, 100, 50) == data[100:150]  # now from the descriptor cache
+
+    trio.run(main)
+
+
+def test_stock_pyfuse3_falls_back_to_file_handles(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without the patch (simulated by removing its attribute), opens and reads go through
+    file handles as before, and the log and a metric say kernel opens are off."""
+    import pyfuse3
+
+    if hasattr(pyfuse3.Operations, "inode_as_fh"):
+        monkeypatch.delattr(pyfuse3.Operations, "inode_as_fh")
+    assert not kernel_opens_supported()
+    caplog.set_level(logging.INFO, logger="csi.fuse.fs")
+    fs, view, small, obj, data = _fs_with_view(tmp_path, kernel_opens=True)
+    assert not fs.inode_as_fh
+    assert _gauge("composefs_csi_fuse_kernel_opens") == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "inode_as_fh" in warnings[0]
+
+    async def main() -> None:
+        fi = await fs.open(obj, os.O_RDONLY, None)
+        assert fi.fh != obj and view.open_files == 1
+        assert await fs.read(fi.fh, 0, 20_000) == data
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await fs.read(obj, 0, 10)  # an inode number is not a handle here
+        assert e.value.errno == errno.EBADF
+        fi2 = await fs.open(small, os.O_RDONLY, None)
+        assert await fs.read(fi2.fh, 1, 10) == b"bc"
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await fs.open(obj, os.O_WRONLY, None)
+        assert e.value.errno == errno.EROFS
+        await fs.release(fi.fh)
+        await fs.release(fi2.fh)
+        assert view.open_files == 0
+
+    trio.run(main)
+
+
+def test_removed_view_lives_until_the_kernel_forgets_it(tmp_path: Path) -> None:
+    """A removed view stays readable while the kernel holds inodes of it (lookups minus
+    forgets), and is closed when the last is forgotten."""
+    fs, view, _small, obj, data = _fs_with_view(tmp_path, kernel_opens=True)
+    closed: list[bool] = []
+    view.close = lambda: closed.append(True)  # type: ignore[method-assign]
+
+    async def main() -> None:
+        await fs.lookup(1, b"k", None)  # the view root, from the mount root
+        attrs = await fs.lookup(view.root_ino, b"obj", None)
+        assert attrs.st_ino == obj
+        fs.detach(view)
+        assert not closed and "k" not in fs.views
+        assert (await fs.getattr(obj, None)).st_size == len(data)
+        await fs.forget([(obj, 1)])
+        assert not closed
+        await fs.forget([(view.root_ino, 1)])
+        assert closed == [True]
+
+    trio.run(main)
+
+
+def _gauge(name: str) -> float:
+    from csi.metrics import REGISTRY
+
+    value = REGISTRY.get_sample_value(name)
+    assert value is not None
+    return value
+
+
+def test_small_reads_leave_the_trio_thread_only_when_local_reads_are_slow(
+    tmp_path: Path,
+) -> None:
+    """Small uncached reads run on the calling thread while such reads have been fast, and
+    on worker threads once they are slow on average (e.g. a network disk); large reads
+    always go to a worker thread."""
+    from csi.fuse.objects import INLINE_IO_MAX
+
+    fs, _view, _small, obj, data = _fs_with_view(tmp_path, kernel_opens=True)
+    access = fs.objects
+    digest = fs.views["k"].file(obj).digest
+    assert digest is not None
+
+    async def main() -> None:
+        assert await access.read(digest, len(data), None, 4096, 0) == data[:4096]
+        assert len(access.io) == 0  # no worker thread was needed
+        assert 0 < access.io_time < INLINE_IO_MAX
+        access.fds.close_all()
+        access.io_time = INLINE_IO_MAX * 10  # as if the disk were slow
+        assert await access.read(digest, len(data), None, 4096, 4096) == data[4096:8192]
+        assert len(access.io) == 1
+        access.io_time = 0.0
+        big = await access.read(digest, len(data), None, 1 << 20, 0)  # clamped by pread
+        assert big == data
+
+    trio.run(main)
+    access.io.close()
+
+
+def test_kernel_version_parsing_for_kernel_opens() -> None:
+    from csi.fuse.fs import _NO_OPENDIR_KERNEL, _kernel_version
+
+    assert _kernel_version("6.18.44-fc-v1300") == (6, 18)
+    assert _kernel_version("5.1.0") == _NO_OPENDIR_KERNEL
+    assert _kernel_version("4.19.0-27-amd64") < _NO_OPENDIR_KERNEL
+    assert _kernel_version("5.10rc1") == (5, 10)
+    assert _kernel_version("weird") == (0, 0)

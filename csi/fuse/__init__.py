@@ -4,7 +4,10 @@
   (``composefs-csi dataplane``); :class:`DataPlaneClient` talks to its control socket.
 * :func:`mount_command` (:mod:`.mountcmd`) is ``composefs-csi mount``.
 * What a view shows: :mod:`.views`; inode numbers: :mod:`.inodes`; object access, the
-  descriptor cache and lazy fetching: :mod:`.objects`; metrics: :mod:`.metrics`.
+  descriptor cache and lazy fetching: :mod:`.objects` (its threads: :mod:`.iothreads`);
+  the FUSE operations and the two ways of serving them (kernel opens with the patched
+  pyfuse3 of ``patches/``, or file handles with stock pyfuse3): :mod:`.fs`; metrics:
+  :mod:`.metrics`.
 """
 
 from .client import DataPlaneClient, DataPlaneError, DataPlaneUnavailable

@@ -48,7 +48,7 @@ class DataPlaneConfig:
     listing_cache_entries: int = 100_000
     #: Idle object file descriptors kept open (those in use are never closed).
     fd_cache_size: int = 1024
-    #: Threads doing file I/O (pread, open) at once.
+    #: Threads doing file I/O (pread, open) at once (:class:`csi.fuse.iothreads.IoThreads`).
     io_threads: int = 32
     #: Objects fetched at once for reads waiting on a lazy view's missing object.
     demand_fetch_threads: int = 16
@@ -58,6 +58,10 @@ class DataPlaneConfig:
     fetch_timeout: float = 600.0
     #: Kernel entry/attribute cache lifetime for image content (immutable: very long).
     cache_timeout: float = 86400.0 * 365
+    #: Let the kernel open files and directories itself and keep their contents and listings
+    #: cached (needs pyfuse3 with the inode_as_fh patch; without it, or when False, every
+    #: open and listing is a request to the daemon).
+    kernel_opens: bool = True
     metrics_address: str | None = None
     #: Seconds to wait for the kernel to release the mount at shutdown before detaching it.
     unmount_timeout: float = 10.0

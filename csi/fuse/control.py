@@ -15,7 +15,8 @@ A connection may carry any number of requests, answered in order. Operations:
     ``{"key": str, "holder": str}`` -> ``{"removed": bool, "holders": int}``; the view
     disappears when its last holder is removed. Unknown keys or holders are not an error.
 ``list_views``
-    ``{}`` -> ``[{"key", "path", "kind", "images", "holders", "lazy", "open_files"}, ...]``.
+    ``{}`` -> ``[{"key", "path", "kind", "images", "holders", "lazy", "open_files"}, ...]``
+    (``open_files``: opens the daemon sees; none when the kernel handles opens).
 ``status``
     ``{"key": str|null, "objects": bool}`` -> ``{"views": [...], "object_fds": int}``; each
     view adds its lazy-fetch ``progress``, and with ``objects`` the number of its objects

@@ -89,18 +89,22 @@ class DataPlane:
         self.config = config
         self.store_root = Path(config.store)
         self.store = StoreHandle(self.store_root)
+        store_prefix = os.path.join(os.fspath(self.store_root), "")
         self.sources = sources or SourceRegistry(
             config.repositories, self.store, config.default_repository
         )
         self.objects = ObjectStoreAccess(
-            lambda d: self.store_root / layout.object_relpath(d),
+            # A string, not a Path: built for every read of a file not read before.
+            lambda d: f"{store_prefix}{layout.object_relpath(d)}",
             fd_cache_size=config.fd_cache_size,
             io_threads=config.io_threads,
             demand_fetch_threads=config.demand_fetch_threads,
             prefetch_threads=config.prefetch_threads,
             fetch_timeout=config.fetch_timeout,
         )
-        self.fs = DataPlaneFS(self.objects, timeout=config.cache_timeout)
+        self.fs = DataPlaneFS(
+            self.objects, timeout=config.cache_timeout, kernel_opens=config.kernel_opens
+        )
         metrics.init_labels()
         self.listings = ListingCache(config.listing_cache_entries)
         self._nursery: trio.Nursery | None = None
@@ -301,6 +305,7 @@ class DataPlane:
                 key, slot, digests[0], imgs[0], timeout=self.fs.timeout, listings=self.listings
             )
         self.fs.attach(view)
+        await trio.to_thread.run_sync(self.fs.invalidate_root)
         return view
 
     def _start_prefetch(self, view: View, source: ObjectSource) -> None:
@@ -334,6 +339,7 @@ class DataPlane:
             view.prefetch_scope.cancel()
         self.fs.detach(view)
         await trio.to_thread.run_sync(self.fs.forget_entry, view)
+        await trio.to_thread.run_sync(self.fs.invalidate_root)
         log.info("view %s removed", key)
         return {"removed": True, "holders": 0}
 

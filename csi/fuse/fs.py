@@ -1,9 +1,28 @@
 """The pyfuse3 filesystem: the mount root lists views; each view is one subdirectory.
 
-Every handler runs on the trio thread and never blocks it: metadata comes from memory-mapped
-images, object opens and reads go to worker threads (:mod:`csi.fuse.objects`). Handlers never
+Every handler runs on the trio thread: metadata comes from memory-mapped images; object opens
+and reads go to worker threads, except small reads that the page cache answers or that a fast
+local disk answers sooner than a trip to a thread would take (:mod:`csi.fuse.objects`); a
+read waiting for a lazily fetched object never holds up the others. Handlers never
 raise anything but :class:`pyfuse3.FUSEError` (pyfuse3 stops serving on any other exception):
 a malformed image or an unexpected failure is logged and answered with EIO.
+
+Two ways to serve, chosen when the filesystem is made (:func:`kernel_opens_supported`):
+
+* **Kernel opens** (pyfuse3 with ``Operations.inode_as_fh``, the patch in ``patches/``):
+  ``open`` and ``opendir`` answer ENOSYS once, after which the kernel opens files and
+  directories itself, keeps file contents cached across opens (``FOPEN_KEEP_CACHE``) and
+  caches directory listings (``FOPEN_CACHE_DIR``), and sends no release requests. ``read``
+  and ``readdir`` then name the inode instead of a file handle. Reading an unchanged file a
+  second time costs the daemon nothing. The root listing, which changes as views come and go,
+  is invalidated in the kernel by the daemon (:meth:`DataPlaneFS.invalidate_root`).
+* **Stock pyfuse3**: ``read`` and ``readdir`` only get a file handle, so every open, close
+  and directory listing is a request to the daemon (slower; said once in the log and by the
+  ``composefs_csi_fuse_kernel_opens`` metric).
+
+In both, a removed view stays readable for the files and directories the kernel still holds:
+its images are closed once the kernel has forgotten every inode of it (lookup counts, as the
+kernel keeps them) and no open file of it is left.
 """
 
 from __future__ import annotations
@@ -12,6 +31,7 @@ import errno
 import functools
 import logging
 import os
+import re
 import stat
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -33,10 +53,29 @@ P = ParamSpec("P")
 T = TypeVar("T")
 S = TypeVar("S")
 
-#: Attribute lifetime of the mount root (its listing changes as views come and go).
+#: Attribute lifetime of the mount root (its listing changes as views come and go; with
+#: kernel opens it is also invalidated explicitly at each change).
 ROOT_TIMEOUT = 1.0
 _U64_MAX = (1 << 64) - 1
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
+
+
+_FORGETS = metrics.OPERATIONS.labels("forget")
+
+
+def kernel_opens_supported() -> bool:
+    """Whether this pyfuse3 passes inode numbers to ``read`` and ``readdir`` (the
+    ``inode_as_fh`` patch), which lets the kernel handle opens and cache listings."""
+    return hasattr(pyfuse3.Operations, "inode_as_fh")
+
+
+#: Linux takes ENOSYS from opendir as "open it yourself" since 5.1 (from open a little earlier).
+_NO_OPENDIR_KERNEL = (5, 1)
+
+
+def _kernel_version(release: str) -> tuple[int, int]:
+    m = re.match(r"(\d+)\.(\d+)", release)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
 
 def _errname(err: int) -> str:
@@ -93,7 +132,6 @@ class _OpenFile:
 class _OpenDir:
     view: View | None  # None: the mount root
     ino: int
-    root_entries: list[tuple[bytes, int]] | None = None
 
 
 class DataPlaneFS(pyfuse3.Operations):
@@ -101,16 +139,46 @@ class DataPlaneFS(pyfuse3.Operations):
 
     With ``single`` set, the mount shows that one view at its root (``composefs-csi mount``);
     otherwise the root lists views by key and :meth:`attach`/:meth:`detach` change it.
+    ``kernel_opens`` asks for kernel-handled opens; it is used only when pyfuse3 supports it
+    (:func:`kernel_opens_supported`), so False forces the stock-pyfuse3 way.
     """
 
     supports_dot_lookup = False
     enable_writeback_cache = False
     enable_acl = False
+    #: Symlink targets never change: the kernel may keep them (patched pyfuse3 only).
+    enable_symlink_cache = True
 
-    def __init__(self, objects: ObjectStoreAccess, *, timeout: float) -> None:
+    def __init__(
+        self, objects: ObjectStoreAccess, *, timeout: float, kernel_opens: bool = True
+    ) -> None:
         super().__init__()
         self.objects = objects
         self.timeout = timeout
+        #: Read by a patched pyfuse3: ``read`` and ``readdir`` get inode numbers.
+        old_kernel = _kernel_version(os.uname().release) < _NO_OPENDIR_KERNEL
+        self.inode_as_fh = kernel_opens and kernel_opens_supported() and not old_kernel
+        metrics.KERNEL_OPENS.set(1 if self.inode_as_fh else 0)
+        if self.inode_as_fh:
+            log.info("the kernel opens files itself and caches their contents and listings")
+        elif kernel_opens and old_kernel:
+            log.warning(
+                "Linux %s cannot open FUSE files and directories by itself (5.1 or newer "
+                "needed): every open and listing goes through the data plane (slower)",
+                os.uname().release,
+            )
+        elif kernel_opens:
+            log.warning(
+                "pyfuse3 %s lacks the inode_as_fh patch (patches/ in the source tree): every "
+                "open, close and directory listing goes through the data plane, several times "
+                "slower for many small files; install the patched pyfuse3 (scripts/setup.sh, "
+                "or the container image)",
+                getattr(pyfuse3, "__version__", "?"),
+            )
+        else:
+            log.info("kernel-handled opens are turned off (kernel_opens: false)")
+        #: Lookup counts the kernel holds, by view slot (what FORGET gives back).
+        self._lookups: dict[int, int] = {}
         self.views: dict[str, View] = {}
         self._by_slot: dict[int, View] = {}
         self._retired: dict[int, View] = {}
@@ -147,13 +215,31 @@ class DataPlaneFS(pyfuse3.Operations):
         self._by_slot.pop(view.slot, None)
         self._root_mtime_ns = time.time_ns()
         self._update_view_metrics()
-        if view.open_files:
-            self._retired[view.slot] = view
-        else:
-            view.close()
+        self._retired[view.slot] = view
+        self._close_if_unused(view.slot)
         # Idle object descriptors would keep objects the store may now collect from freeing
         # their space: let them go (files still open keep theirs).
         self.objects.fds.close_all()
+
+    def _close_if_unused(self, slot: int) -> None:
+        """Close a removed view once no open file and no kernel inode refers to it."""
+        view = self._retired.get(slot)
+        if view is None or view.open_files or self._lookups.get(slot, 0) > 0:
+            return
+        del self._retired[slot]
+        self._lookups.pop(slot, None)
+        view.close()
+
+    def invalidate_root(self) -> None:
+        """Make the kernel drop its cached attributes and listing of the mount root (blocking:
+        call it from a worker thread, like :meth:`forget_entry`)."""
+        if not self.mounted or self.single is not None:
+            return
+        try:
+            pyfuse3.invalidate_inode(ROOT_INO)
+        except OSError as e:  # ENOENT: nothing cached
+            if e.errno != errno.ENOENT:
+                log.warning("invalidating the mount root: %s", e)
 
     def forget_entry(self, view: View) -> None:
         """Make the kernel drop its cached entry of a detached view (blocking: call it from a
@@ -175,7 +261,8 @@ class DataPlaneFS(pyfuse3.Operations):
     def _view(self, ino: int) -> View:
         if self.single is not None and ino == ROOT_INO:
             return self.single
-        view = self._by_slot.get(slot_of(ino))
+        slot = slot_of(ino)
+        view = self._by_slot.get(slot) or self._retired.get(slot)
         if view is None:
             raise pyfuse3.FUSEError(errno.ESTALE)
         return view
@@ -211,20 +298,48 @@ class DataPlaneFS(pyfuse3.Operations):
             view = self.views.get(name.decode("utf-8", "replace"))
             if view is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
+            self._looked_up(view.slot, 1)
             return self._view_root_attrs(view)
         view = self._view(parent_inode)
+        attrs: pyfuse3.EntryAttributes | None
         if name == b".":
-            return view.getattr(parent_inode)
-        if name == b"..":
+            attrs = view.getattr(parent_inode)
+        elif name == b"..":
             up = view.parent_of(parent_inode)
-            return self._root_attrs() if self._is_root(up) else view.getattr(up)
-        attrs = view.lookup(parent_inode, name)
+            if self._is_root(up):
+                return self._root_attrs()
+            attrs = view.getattr(up)
+        else:
+            attrs = view.lookup(parent_inode, name)
         if attrs is None:
             neg = pyfuse3.EntryAttributes()
             neg.st_ino = 0
             neg.entry_timeout = view.timeout
             return neg
+        self._looked_up(view.slot, 1)
         return attrs
+
+    def _looked_up(self, slot: int, n: int) -> None:
+        """The kernel now holds ``n`` more lookups of inodes of the view in ``slot`` (each
+        successful lookup and each listed entry but ``.`` and ``..``; the root is never
+        forgotten and not counted)."""
+        self._lookups[slot] = self._lookups.get(slot, 0) + n
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        # No reply goes back and pyfuse3 does not catch exceptions here: never raise.
+        _FORGETS.inc()
+        lookups = self._lookups
+        try:
+            for ino, n in inode_list:
+                if ino == ROOT_INO:
+                    continue
+                slot = slot_of(ino)
+                left = lookups.get(slot, 0) - n
+                lookups[slot] = left
+                if left <= 0 and slot in self._retired:
+                    self._close_if_unused(slot)
+        except Exception:
+            log.exception("forget failed")
 
     @handler("getattr")
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -284,10 +399,13 @@ class DataPlaneFS(pyfuse3.Operations):
 
     @handler("opendir")
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if self.inode_as_fh:
+            # The kernel opens directories itself from now on (and caches their listings);
+            # readdir gets the inode.
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         fh = self._new_fh()
         if self._is_root(inode):
-            entries = [(k.encode(), v) for k, v in sorted(self.views.items())]
-            self._dirs[fh] = _OpenDir(None, inode, [(n, v.root_ino) for n, v in entries])
+            self._dirs[fh] = _OpenDir(None, inode)
             return fh
         view = self._view(inode)
         view.dir_listing(inode)  # checks it is a directory; compositions merge it here
@@ -296,9 +414,13 @@ class DataPlaneFS(pyfuse3.Operations):
 
     @handler("readdir")
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        d = self._dirs.get(fh)
-        if d is None:
-            raise pyfuse3.FUSEError(errno.EBADF)
+        if self.inode_as_fh:
+            d = _OpenDir(None, fh) if self._is_root(fh) else _OpenDir(self._view(fh), fh)
+        else:
+            found = self._dirs.get(fh)
+            if found is None:
+                raise pyfuse3.FUSEError(errno.EBADF)
+            d = found
         off = start_id
         if off < DOT_ENTRIES:
             dots = self._dot_attrs(d)
@@ -308,19 +430,27 @@ class DataPlaneFS(pyfuse3.Operations):
                     return
             off = DOT_ENTRIES
         if d.view is None:
-            assert d.root_entries is not None
-            for i in range(off - DOT_ENTRIES, len(d.root_entries)):
-                name, root_ino = d.root_entries[i]
-                view = self._by_slot.get(slot_of(root_ino))
-                if view is None:
-                    continue
-                attrs = self._view_root_attrs(view)
-                if not pyfuse3.readdir_reply(token, name, attrs, DOT_ENTRIES + i + 1):
-                    return
+            self._readdir_root(off, token)
             return
-        for name, attrs, cookie in d.view.readdir(d.ino, off - DOT_ENTRIES):
-            if not pyfuse3.readdir_reply(token, name, attrs, DOT_ENTRIES + cookie):
+        slot = d.view.slot
+        listed = 0
+        try:
+            for name, attrs, cookie in d.view.readdir(d.ino, off - DOT_ENTRIES):
+                if not pyfuse3.readdir_reply(token, name, attrs, DOT_ENTRIES + cookie):
+                    return
+                listed += 1
+        finally:
+            self._looked_up(slot, listed)
+
+    def _readdir_root(self, off: int, token: pyfuse3.ReaddirToken) -> None:
+        """The views in the order they were added; an entry's cookie is its slot (+2), so a
+        listing resumes correctly however views come and go in between."""
+        for slot in sorted(s for s in self._by_slot if s + DOT_ENTRIES > off):
+            view = self._by_slot[slot]
+            attrs = self._view_root_attrs(view)
+            if not pyfuse3.readdir_reply(token, view.key.encode(), attrs, slot + DOT_ENTRIES):
                 return
+            self._looked_up(slot, 1)
 
     def _dot_attrs(self, d: _OpenDir) -> list[tuple[bytes, pyfuse3.EntryAttributes]]:
         if d.view is None:
@@ -337,25 +467,33 @@ class DataPlaneFS(pyfuse3.Operations):
 
     # -- files ------------------------------------------------------------------------------------
 
+    async def _acquire(self, view: View, ref: FileRef) -> ObjectFile | None:
+        """The object behind ``ref`` (fetched first for a lazy view), or None when inline."""
+        if ref.digest is None:
+            return None
+        try:
+            return await self.objects.acquire(ref.digest, ref.size, view.lazy_source)
+        except ObjectMissing:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+        except ObjectUnavailable:
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except OSError as e:
+            log.error("opening object %s: %s", ref.digest.hex(), e)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
     @handler("open")
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if self.inode_as_fh:
+            # The kernel opens files itself from now on (keeping their cached pages); read
+            # gets the inode, and a lazy view's object is fetched by the first read.
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         if flags & _WRITE_FLAGS:
             raise pyfuse3.FUSEError(errno.EROFS)
         if self._is_root(inode):
             raise pyfuse3.FUSEError(errno.EISDIR)
         view = self._view(inode)
         ref = view.file(inode)
-        obj: ObjectFile | None = None
-        if ref.digest is not None:
-            try:
-                obj = await self.objects.acquire(ref.digest, ref.size, view.lazy_source)
-            except ObjectMissing:
-                raise pyfuse3.FUSEError(errno.ENOENT) from None
-            except ObjectUnavailable:
-                raise pyfuse3.FUSEError(errno.EIO) from None
-            except OSError as e:
-                log.error("opening object %s: %s", ref.digest.hex(), e)
-                raise pyfuse3.FUSEError(errno.EIO) from None
+        obj = await self._acquire(view, ref)
         fh = self._new_fh()
         self._files[fh] = _OpenFile(view, ref, obj)
         view.open_files += 1
@@ -364,19 +502,49 @@ class DataPlaneFS(pyfuse3.Operations):
 
     @handler("read")
     async def read(self, fh: int, off: int, size: int) -> bytes:
+        if self.inode_as_fh:
+            return await self._read_inode(fh, off, size)
         f = self._files.get(fh)
         if f is None:
             raise pyfuse3.FUSEError(errno.EBADF)
-        end = min(off + size, f.ref.size)
+        return await self._read(f.ref, f.obj, off, size)
+
+    async def _read_inode(self, ino: int, off: int, size: int) -> bytes:
+        if self._is_root(ino):
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        view = self._view(ino)
+        ref = view.file(ino)
+        end = min(off + size, ref.size)
         if off >= end:
             return b""
-        if f.obj is None:
-            data = f.ref.image.read_inline(f.ref.nid, off, end - off)
+        if ref.digest is None:
+            data = ref.image.read_inline(ref.nid, off, end - off)
         else:
             try:
-                data = await self.objects.pread(f.obj, end - off, off)
+                data = await self.objects.read(
+                    ref.digest, ref.size, view.lazy_source, end - off, off
+                )
+            except ObjectMissing:
+                raise pyfuse3.FUSEError(errno.ENOENT) from None
+            except ObjectUnavailable:
+                raise pyfuse3.FUSEError(errno.EIO) from None
             except OSError as e:
-                log.error("reading object %s: %s", f.obj.digest.hex(), e)
+                log.error("reading object %s: %s", ref.digest.hex(), e)
+                raise pyfuse3.FUSEError(errno.EIO) from None
+        metrics.READ_BYTES.inc(len(data))
+        return data
+
+    async def _read(self, ref: FileRef, obj: ObjectFile | None, off: int, size: int) -> bytes:
+        end = min(off + size, ref.size)
+        if off >= end:
+            return b""
+        if obj is None:
+            data = ref.image.read_inline(ref.nid, off, end - off)
+        else:
+            try:
+                data = await self.objects.pread(obj, end - off, off)
+            except OSError as e:
+                log.error("reading object %s: %s", obj.digest.hex(), e)
                 raise pyfuse3.FUSEError(errno.EIO) from None
         metrics.READ_BYTES.inc(len(data))
         return data
@@ -391,8 +559,8 @@ class DataPlaneFS(pyfuse3.Operations):
             self.objects.release(f.obj)
         view = f.view
         view.open_files -= 1
-        if view.open_files == 0 and self._retired.pop(view.slot, None) is not None:
-            view.close()
+        if view.open_files == 0:
+            self._close_if_unused(view.slot)
 
     def close_all(self) -> None:
         """Drop every view and cached descriptor (after unmounting)."""
@@ -410,6 +578,7 @@ class DataPlaneFS(pyfuse3.Operations):
         self._by_slot.clear()
         self._retired.clear()
         self.objects.fds.close_all()
+        self.objects.io.close()
         self._update_view_metrics()
 
 

@@ -56,6 +56,13 @@ VIEWS = Gauge(
     ["kind"],
     registry=REGISTRY,
 )
+KERNEL_OPENS = Gauge(
+    "composefs_csi_fuse_kernel_opens",
+    "1 when the kernel opens files and directories itself and keeps their contents and "
+    "listings cached (pyfuse3 with the inode_as_fh patch); 0 with stock pyfuse3, where every "
+    "open, close and directory listing is a request to the data plane (slower).",
+    registry=REGISTRY,
+)
 VIEW_HOLDERS = Gauge(
     "composefs_csi_fuse_view_holders",
     "Holders (volumes) of all views served.",
