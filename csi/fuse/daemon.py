@@ -390,10 +390,11 @@ def start_metrics_server(address: str) -> None:
 def run_daemon(config: DataPlaneConfig) -> None:
     """Mount and serve until SIGINT/SIGTERM; always unmounts before returning."""
     mounting.raise_fd_limit()
-    if config.metrics_address:
-        start_metrics_server(config.metrics_address)
     plane = DataPlane(config)
     plane.mount()
+    # After the mount: the chart's readiness probe is this port, and ready means mounted.
+    if config.metrics_address:
+        start_metrics_server(config.metrics_address)
     try:
         trio.run(plane.serve)
     finally:
