@@ -56,11 +56,13 @@ def node(tmp_path: Path, images: tuple[Path, list[RepoImage]]) -> Iterator[Node]
 @contextlib.contextmanager
 def pod(target: Path, mountpoint: Path, propagation: str) -> Iterator[subprocess.Popen[str]]:
     """A process in its own mount namespace that has ``target`` bound at ``mountpoint`` and
-    lists it twice a second, printing ok or the error."""
+    asks it five times a second for a statfs and a listing (statfs always reaches the data
+    plane; a listing may be answered from the kernel's caches), printing ok or fail."""
     mountpoint.mkdir(parents=True, exist_ok=True)
     script = (
         f"mount --bind {target} {mountpoint} && mount --make-{propagation} {mountpoint}"
-        f" && echo ready && while true; do if ls {mountpoint}/ >/dev/null 2>&1;"
+        f" && echo ready && while true; do"
+        f" if stat -f {mountpoint} >/dev/null 2>&1 && ls {mountpoint}/ >/dev/null 2>&1;"
         " then echo ok; else echo fail; fi; sleep 0.2; done"
     )
     proc = subprocess.Popen(

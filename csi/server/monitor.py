@@ -48,7 +48,6 @@ class MountMonitor:
         self._rounds = 0
         self._broken_since: dict[str, float] = {}
         self._problems: dict[str, str] = {}
-        self._dataplane_down: str | None = None
         self._mu = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -77,11 +76,7 @@ class MountMonitor:
         device = self.manager.dataplane_device(table)
         mountpoint = self.manager.dataplane_mountpoint
         if device is None or mounts.probe(mountpoint) != 0:
-            with self._mu:
-                self._dataplane_down = f"the data plane's mount at {mountpoint} is not serving"
             return []  # nothing to repair from until the data plane is back
-        with self._mu:
-            self._dataplane_down = None
         repaired: list[str] = []
         now = self._clock()
         seen: set[str] = set()
@@ -122,11 +117,13 @@ class MountMonitor:
     def check(self) -> str | None:
         """Probe check: None while every target is healthy or being repaired; the reason when
         some target has stayed broken past the grace period with the data plane up."""
+        # Looked at now, not as of the last round: a data plane that is back is seen at once.
+        # (Also fails when the data plane answers on its socket: this process cannot use it.)
+        mountpoint = self.manager.dataplane_mountpoint
+        if self.manager.dataplane_device() is None or mounts.probe(mountpoint) != 0:
+            return f"the data plane's mount at {mountpoint} is not serving"
         now = self._clock()
         with self._mu:
-            if self._dataplane_down is not None:
-                # Also when the data plane answers on its socket: this process cannot use it.
-                return self._dataplane_down
             stuck = [t for t, since in self._broken_since.items() if now - since > self.grace]
             if not stuck:
                 return None
