@@ -3,8 +3,10 @@ check it against the manifest of what was published.
 
 Standalone (standard library only): the fake kubelet mounts this file and the manifest into the
 pod through a ConfigMap volume. Each pass opens every file anew (so a pass that succeeds after a
-data-plane restart shows that new opens work again), compares sizes and SHA-256 digests, checks
-symlink targets and that whiteouted names are absent, and appends one JSON line to ``--out``::
+data-plane restart shows that new opens work again), asks for a statfs (which only a live data
+plane answers: the kernel serves cached files without it), compares sizes and SHA-256 digests,
+checks symlink targets and that whiteouted names are absent, and appends one JSON line to
+``--out``::
 
     {"n": 7, "t0": <epoch>, "t1": <epoch>, "ok": 41, "failed": 0, "errors": []}
 
@@ -26,6 +28,13 @@ import time
 def check(root: str, manifest: dict[str, dict[str, object]]) -> tuple[int, list[str]]:
     ok = 0
     errors: list[str] = []
+    # The kernel answers reads and listings of files it has cached even when the data plane is
+    # gone (no open requests, no expiring attributes); a statfs always reaches the data plane,
+    # so a pass succeeds only while the volume is really served.
+    try:
+        os.statvfs(root)
+    except OSError as e:
+        errors.append(f"statfs: {errno.errorcode.get(e.errno or 0, str(e.errno))}")
     for rel, want in manifest.items():
         path = os.path.join(root, rel)
         try:
