@@ -5,7 +5,8 @@ Python. In one process the fetching threads queue on the GIL, and so does the st
 leader, after each of its system calls: on 2 CPUs a 1 GiB / 10k-object image took 11 s that
 way. For an eager fetch of many objects the client therefore hands them, a few at a time, to
 worker processes. A worker downloads each object exactly as an in-process download does (the
-same mirrors, retries, limits and checks: :meth:`RepositoryClient._download`), into a temp file
+same mirrors, retries, limits and checks: :meth:`csi.fetch.download.Downloader.download`), into
+a temp file
 of the store named after the parent process (so the store's cleaner leaves it alone while the
 parent lives, and removes it once the parent is gone), and returns what it wrote. The parent
 then has the store adopt the files: one filesystem sync per group, then their names and their
@@ -30,7 +31,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 from prometheus_client import Counter
 
@@ -41,12 +42,11 @@ from csi.store import DigestMismatch, ObjectWriter, StoreFull
 from . import errors
 from . import metrics as m
 from .config import RepositoryConfig
+from .download import Downloader, object_relpath
 from .errors import SourceError
 from .http import HttpSource, Request
-from .sources import Response
-
-if TYPE_CHECKING:
-    from .client import RepositoryClient
+from .mirrors import Mirrors
+from .source import Response
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ class _TempSink:
 
 # -- worker process -----------------------------------------------------------------------------
 
-_client: object = None  # the worker's RepositoryClient (one per process; set by _init)
+_client: Downloader | None = None  # the worker's downloader (one per process; set by _init)
 _parallel = 1  # requests a worker runs at once (set by _init)
 
 
@@ -188,15 +188,13 @@ def _init(
     parallel: int = 1,
 ) -> None:
     global _client, _parallel
-    from .client import RepositoryClient
-
     _parallel = max(1, parallel)
     # Log as the parent does (level and line format; to the stderr we share with it).
     if log_format is not None:
         logging.basicConfig(level=log_level, format=log_format)
     else:
         logging.basicConfig(level=log_level)
-    _client = RepositoryClient(config)
+    _client = Downloader(Mirrors(config))
     _exit_with(parent)
 
 
@@ -243,22 +241,20 @@ def _fetch_chunk(tmpdir: str, tag: str, items: list[tuple[bytes, int | None]]) -
     From an HTTP(S) repository the first attempt at each object is one of up to ``_parallel``
     requests run together (:meth:`HttpSource.get_many`): one sleep and wake-up for several
     objects rather than one per object. An object whose first attempt fails goes on, after
-    the others, through :meth:`RepositoryClient._download` with that failure counted as its
+    the others, through :meth:`Downloader.download` with that failure counted as its
     first attempt: the same mirrors, retries, limits, checks and metrics as in-process.
     """
-    from .client import RepositoryClient
-
-    client = _client
-    assert isinstance(client, RepositoryClient), "bulk worker used before _init"
+    downloader = _client
+    assert downloader is not None, "bulk worker used before _init"
     before = _counters()
     results: dict[bytes, Written | Failed] = {}
-    src = client.sources[0]
+    src = downloader.mirrors.sources[0]
     if isinstance(src, HttpSource) and len(items) > 1 and _parallel > 1:
-        again = _first_attempts(client, src, tmpdir, tag, items, results)
+        again = _first_attempts(downloader, src, tmpdir, tag, items, results)
     else:
         again = [(d, size, None, 0) for d, size in items]
     for digest, size, prior, got in again:
-        results[digest] = _fetch_one(client, tmpdir, tag, digest, size, prior, got)
+        results[digest] = _fetch_one(downloader, tmpdir, tag, digest, size, prior, got)
     after = _counters()
     delta: CounterDelta = [
         (key, dict(labels), v - before.get((key, labels), 0.0))
@@ -272,7 +268,7 @@ _Again = tuple[bytes, int | None, SourceError | None, int]
 
 
 def _first_attempts(
-    client: RepositoryClient,
+    downloader: Downloader,
     src: HttpSource,
     tmpdir: str,
     tag: str,
@@ -287,8 +283,7 @@ def _first_attempts(
     def begin(item: tuple[bytes, int | None]) -> Request:
         digest, size = item
         obj = started[digest] = _TempObject(tmpdir, tag, digest)
-        h = digest.hex()
-        return Request(f"objects/{h[:2]}/{h[2:]}", obj.write, size)
+        return Request(object_relpath(digest), obj.write, size)
 
     try:
         for (digest, size), outcome in src.get_many(items, begin, parallel=_parallel):
@@ -303,18 +298,18 @@ def _first_attempts(
                     n = obj.keep()
                 except DigestMismatch as e:
                     obj.discard()
-                    again.append((digest, size, client._attempt_failed(e, obj.got), obj.got))
+                    again.append((digest, size, downloader.attempt_failed(e, obj.got), obj.got))
                     continue
                 except Exception as e:
                     obj.discard()
                     results[digest] = _no_space(digest, subject, e)
                     continue
-                client._attempt_ok(obj.got, stored=True)
+                downloader.attempt_ok(obj.got, stored=True)
                 results[digest] = Written(digest, obj.path, n, obj.got)
                 continue
             obj.discard()
             if isinstance(outcome, SourceError):
-                again.append((digest, size, client._attempt_failed(outcome, obj.got), obj.got))
+                again.append((digest, size, downloader.attempt_failed(outcome, obj.got), obj.got))
             else:
                 results[digest] = _no_space(digest, subject, outcome)
     finally:
@@ -334,7 +329,7 @@ def _no_space(digest: bytes, subject: str, e: Exception) -> Failed:
 
 
 def _fetch_one(
-    client: RepositoryClient,
+    downloader: Downloader,
     tmpdir: str,
     tag: str,
     digest: bytes,
@@ -342,17 +337,17 @@ def _fetch_one(
     prior: SourceError | None,
     received: int,
 ) -> Written | Failed:
-    """One object through the client's download loop (after ``prior``, if any)."""
+    """One object through the download loop (after ``prior``, if any)."""
     h = digest.hex()
     sink = _TempSink(tmpdir, tag)
     subject = f"object {h}"
     try:
-        _stored, got = client._download(
+        _stored, got = downloader.download(
             sink,
             digest,
             kind="object",
             subject=subject,
-            relpath=f"objects/{h[:2]}/{h[2:]}",
+            relpath=object_relpath(digest),
             size=size,
             progress=None,
             prior=prior,
@@ -397,9 +392,9 @@ class BulkPool:
             if self._pool is None:
                 ctx = multiprocessing.get_context("forkserver")
                 # Workers fork from a server that has imported this module (and with it pycurl,
-                # the store and the client) once, instead of each importing them (if the server
+                # the store and the downloader) once, instead of each importing them (if the server
                 # runs already, started by someone else, this is a no-op).
-                ctx.set_forkserver_preload([__name__, "csi.fetch.client"])
+                ctx.set_forkserver_preload([__name__])
                 self._pool = ProcessPoolExecutor(
                     self.processes,
                     mp_context=ctx,

@@ -34,7 +34,7 @@ from .errors import (
     SourceTransient,
 )
 from .quoting import quote
-from .sources import SYMLINK_CONTENT_TYPE, SYMLINK_MAX, OnData, Response, Source
+from .source import SYMLINK_CONTENT_TYPE, SYMLINK_MAX, OnData, Response, Source
 
 #: CA bundles tried when none is configured (libcurl in the pycurl wheel looks elsewhere).
 SYSTEM_CA_BUNDLES = (
