@@ -20,6 +20,7 @@ where a full store triggers garbage collection.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import multiprocessing
 import os
@@ -43,10 +44,11 @@ from . import errors
 from . import metrics as m
 from .config import RepositoryConfig
 from .download import Downloader, object_relpath
-from .errors import SourceError
+from .errors import SourceCorrupt, SourceError
 from .http import HttpSource, Request
 from .mirrors import Mirrors
-from .source import Response
+from .packs import RangeEntry, RangeJob, RangeSplitter, decode
+from .source import Response, Source
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +237,12 @@ def _counters() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return out
 
 
-def _fetch_chunk(tmpdir: str, tag: str, items: list[tuple[bytes, int | None]]) -> ChunkResult:
+def _fetch_chunk(
+    tmpdir: str,
+    tag: str,
+    items: list[tuple[bytes, int | None]],
+    ranges: list[RangeJob] | None = None,
+) -> ChunkResult:
     """Worker: fetch ``items`` (digest, size) into temp files under ``tmpdir``.
 
     From an HTTP(S) repository the first attempt at each object is one of up to ``_parallel``
@@ -243,13 +250,18 @@ def _fetch_chunk(tmpdir: str, tag: str, items: list[tuple[bytes, int | None]]) -
     objects rather than one per object. An object whose first attempt fails goes on, after
     the others, through :meth:`Downloader.download` with that failure counted as its
     first attempt: the same mirrors, retries, limits, checks and metrics as in-process.
+
+    With ``ranges`` the items come out of pack files instead (:func:`_from_ranges`); an item
+    that does not goes on the same way.
     """
     downloader = _client
     assert downloader is not None, "bulk worker used before _init"
     before = _counters()
     results: dict[bytes, Written | Failed] = {}
     src = downloader.mirrors.sources[0]
-    if isinstance(src, HttpSource) and len(items) > 1 and _parallel > 1:
+    if ranges:
+        again = _from_ranges(downloader, src, tmpdir, tag, items, ranges, results)
+    elif isinstance(src, HttpSource) and len(items) > 1 and _parallel > 1:
         again = _first_attempts(downloader, src, tmpdir, tag, items, results)
     else:
         again = [(d, size, None, 0) for d, size in items]
@@ -316,6 +328,92 @@ def _first_attempts(
         for obj in started.values():  # started, not ended (an unexpected error above)
             obj.discard()
     return again
+
+
+def _from_ranges(
+    downloader: Downloader,
+    src: Source,
+    tmpdir: str,
+    tag: str,
+    items: list[tuple[bytes, int | None]],
+    ranges: list[RangeJob],
+    results: dict[bytes, Written | Failed],
+) -> list[_Again]:
+    """Items out of pack ranges (:mod:`csi.fetch.packs`): the ranges' first attempts run
+    together over HTTP; a range that fails goes on through the retry loop (every mirror),
+    asking only for the entries still missing. Each entry is decoded, written and checked
+    against its digest; what is not fetched so (its range failed for good, it did not decode
+    or verify, no range holds it) is returned to be fetched from ``objects/``. Only ``items``
+    are written (the objects the parent claimed); other entries' bytes are read past."""
+    wanted = dict(items)
+    again: dict[bytes, _Again] = {}
+
+    def deliver(e: RangeEntry, data: bytes, skipped: int) -> None:
+        got = skipped + e.length  # a gap's bytes count with the entry after it
+        if e.digest not in wanted or e.digest in results or e.digest in again:
+            downloader.attempt_ok(got, stored=False)  # read past: not this chunk's
+            return
+        subject = f"object {e.digest.hex()}"
+        try:
+            body = decode(e, data)
+        except ValueError as err:
+            again[e.digest] = (
+                e.digest,
+                e.size,
+                downloader.attempt_failed(SourceCorrupt(f"from a pack: {err}"), got),
+                got,
+            )
+            return
+        try:
+            obj = _TempObject(tmpdir, tag, e.digest)
+        except OSError as err:
+            results[e.digest] = _no_space(e.digest, subject, err)
+            return
+        try:
+            obj.write(body)
+            n = obj.keep()
+        except DigestMismatch as err:
+            obj.discard()
+            again[e.digest] = (e.digest, e.size, downloader.attempt_failed(err, got), got)
+            return
+        except Exception as err:
+            obj.discard()
+            results[e.digest] = _no_space(e.digest, subject, err)
+            return
+        downloader.attempt_ok(got, stored=True)
+        results[e.digest] = Written(e.digest, obj.path, n, got)
+
+    def rest_of(job: RangeJob, source: Source) -> None:
+        """One attempt at the entries of ``job`` not settled yet."""
+        left = [e for e in job.entries if e.digest not in results and e.digest not in again]
+        if not left:
+            return
+        start = left[0].offset
+        end = left[-1].offset + left[-1].length
+        splitter = RangeSplitter(tuple(e._replace(offset=e.offset - start) for e in left), deliver)
+        source.get(job.relpath, splitter.feed, span=(job.offset + start, end - start))
+
+    failed: list[tuple[RangeJob, SourceError | None]] = []
+    if isinstance(src, HttpSource) and len(ranges) > 1 and _parallel > 1:
+
+        def begin(job: RangeJob) -> Request:
+            splitter = RangeSplitter(job.entries, deliver)
+            return Request(job.relpath, splitter.feed, span=(job.offset, job.length))
+
+        for job, outcome in src.get_many(ranges, begin, parallel=_parallel):
+            if isinstance(outcome, SourceError):
+                failed.append((job, downloader.attempt_failed(outcome, 0)))
+            elif not isinstance(outcome, Response):
+                raise outcome
+    else:
+        failed = [(job, None) for job in ranges]
+    for job, prior in failed:
+        subject = f"{job.relpath} bytes {job.offset}-{job.offset + job.length - 1}"
+        with contextlib.suppress(errors.FetchError):  # what it held comes from objects/
+            downloader.mirrors.attempts(subject, functools.partial(rest_of, job), prior)
+    out = list(again.values())
+    out.extend((d, size, None, 0) for d, size in items if d not in results and d not in again)
+    return out
 
 
 def _no_space(digest: bytes, subject: str, e: Exception) -> Failed:
@@ -421,17 +519,24 @@ class BulkPool:
         except Exception as e:  # shut down meanwhile, or cannot start: fetch() will tell
             log.debug("starting fetch worker processes ahead of use: %s", e)
 
-    def fetch(self, tmpdir: Path, owner: str, items: list[tuple[bytes, int | None]]) -> ChunkResult:
+    def fetch(
+        self,
+        tmpdir: Path,
+        owner: str,
+        items: list[tuple[bytes, int | None]],
+        ranges: list[RangeJob] | None = None,
+    ) -> ChunkResult:
         """Fetch ``items`` in a worker (blocks until done); apply its counters here. The
         worker's temp files in ``tmpdir`` are marked with ``owner``, this process's owner id
         in that temp area (:meth:`csi.repo.tmpfiles.TempArea.owner`): in use while it lives.
 
         A worker that dies (killed, out of memory) breaks its pool: this call raises, and
-        the next one starts new workers.
+        the next one starts new workers. ``ranges``: take the items out of these pack
+        ranges (:mod:`csi.fetch.packs`) where they can.
         """
         pool = self._executor()
         try:
-            results, delta = pool.submit(_fetch_chunk, str(tmpdir), owner, items).result()
+            results, delta = pool.submit(_fetch_chunk, str(tmpdir), owner, items, ranges).result()
         except BrokenProcessPool:
             with self._lock:
                 if self._pool is pool:

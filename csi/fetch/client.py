@@ -27,6 +27,7 @@ from .errors import Corrupt, FetchError, NoSpace
 from .images import object_sizes
 from .mirrors import Mirrors
 from .objects import BULK_MIN_OBJECTS, ObjectFetcher
+from .packs import load_index
 from .progress import FetchProgress
 from .refs import parse_digest
 from .resolving import resolve_ref
@@ -219,7 +220,13 @@ class RepositoryClient:
                 prog.set_phase("objects")
                 for d in objects - missing:
                     prog.object_done(sizes.get(d, 0), fetched=False)
-                fetched, shared, got = self.objects.fetch(store, missing, sizes, prog)
+                # Many new objects: from pack files, if the repository has them for this image.
+                index = (
+                    load_index(self.mirrors, digest, len(objects))
+                    if self.objects.uses_bulk(len(missing))
+                    else None
+                )
+                fetched, shared, got = self.objects.fetch(store, missing, sizes, prog, index)
                 received += got
                 present += shared
                 if present:

@@ -38,6 +38,7 @@ class FileSource(Source):
         *,
         accept_symlink: bool = False,
         max_size: int | None = None,
+        span: tuple[int, int] | None = None,
     ) -> Response:
         try:
             root_fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -58,21 +59,32 @@ class FileSource(Source):
         finally:
             os.close(root_fd)
         total = 0
+        left = -1
+        if span is not None:
+            max_size, left = span[1], span[1]
         try:
             with os.fdopen(fd, "rb", buffering=0) as f:
-                while True:
+                if span is not None:
                     try:
-                        chunk = f.read(CHUNK)
+                        f.seek(span[0])
+                    except OSError as e:
+                        raise _os_error(e, relpath) from None
+                while left:
+                    try:
+                        chunk = f.read(CHUNK if left < 0 else min(CHUNK, left))
                     except OSError as e:
                         raise _os_error(e, relpath) from None
                     if not chunk:
                         break
+                    left -= len(chunk) if left > 0 else 0
                     total += len(chunk)
                     if max_size is not None and total > max_size:
                         raise SourceBadResponse(f"larger than the {max_size}-byte limit")
                     on_data(chunk)
         except IsADirectoryError:
             raise SourceNotFound("is a directory, not a file") from None
+        if left > 0:
+            raise SourceBadResponse(f"the file ends {left} bytes before the end of the range")
         return Response(total)
 
 

@@ -82,6 +82,7 @@ class _Transfer:
         "pending",
         "sink_failed",
         "size",
+        "span",
     )
 
     def __init__(
@@ -99,6 +100,7 @@ class _Transfer:
         self.pending = 0
         self.sink_failed = False
         self.content_type: str | None = None
+        self.span: tuple[int, int] | None = None
 
     def header(self, line: bytes) -> None:
         """Header callback of ``accept_symlink`` requests: the last response's content type
@@ -183,6 +185,8 @@ class Request:
     relpath: str
     on_data: OnData
     max_size: int | None = None
+    #: (offset, length): a Range request for those bytes (``max_size`` is then ``length``).
+    span: tuple[int, int] | None = None
 
 
 class HttpSource(Source):
@@ -260,6 +264,7 @@ class HttpSource(Source):
         accept_symlink: bool,
         max_size: int | None,
         progress: bool = True,
+        span: tuple[int, int] | None = None,
     ) -> _Transfer:
         """Set ``c`` up for one request; the returned transfer receives its callbacks. Without
         ``progress`` (a handle made with ``progress=False``) the caller checks the read timeout
@@ -273,6 +278,11 @@ class HttpSource(Source):
             c.setopt(pycurl.USERNAME, creds[1])
             c.setopt(pycurl.PASSWORD, creds[2])
         tr = _Transfer(on_data, accept_symlink, max_size, self.config.timeouts.read)
+        if span is not None:
+            # Offsets into the file as it is: no content encoding.
+            c.setopt(pycurl.RANGE, f"{span[0]}-{span[0] + span[1] - 1}")
+            c.setopt(pycurl.ACCEPT_ENCODING, None)
+            tr.span = span
         c.setopt(pycurl.URL, self.base + urllib.parse.quote(relpath, safe="/:@+=-._~"))
         c.setopt(pycurl.WRITEFUNCTION, tr.write)
         if accept_symlink:
@@ -287,6 +297,8 @@ class HttpSource(Source):
         or the error to raise. What arrived of a failed transfer is passed on first (the caller
         counts it); an error of the caller's ``on_data`` wins over any other."""
         _reset(c)
+        if tr.span is not None:
+            _reset_span(c)
         if not tr.sink_failed and not tr.hold:
             try:
                 tr.flush()
@@ -298,7 +310,18 @@ class HttpSource(Source):
             raise _status_error(c)
         if code:
             raise _curl_error(code, msg)
-        if int(c.getinfo(pycurl.RESPONSE_CODE)) != 200:
+        status = int(c.getinfo(pycurl.RESPONSE_CODE))
+        if tr.span is not None:
+            # 206 for the range; a server that ignores Range answers 200 with the whole
+            # file, which is the range only when the range starts at 0 (the size limit
+            # stopped anything longer).
+            if status != 206 and not (status == 200 and tr.span[0] == 0):
+                if status == 200:
+                    raise SourceBadResponse("the server ignored the Range request")
+                raise _status_error(c)
+            if tr.size != tr.span[1]:
+                raise SourceBadResponse(f"{tr.size} bytes for a range of {tr.span[1]}")
+        elif status != 200:
             # A status FAILONERROR lets through (below 400, or an auth answer): whatever was
             # passed on is then rejected by the caller along with this error.
             raise _status_error(c)
@@ -318,9 +341,12 @@ class HttpSource(Source):
         *,
         accept_symlink: bool = False,
         max_size: int | None = None,
+        span: tuple[int, int] | None = None,
     ) -> Response:
         c = self._handle()
-        tr = self._begin(c, relpath, on_data, accept_symlink, max_size)
+        if span is not None:
+            max_size = span[1]
+        tr = self._begin(c, relpath, on_data, accept_symlink, max_size, span=span)
         code, msg = 0, ""
         try:
             c.perform()
@@ -329,6 +355,7 @@ class HttpSource(Source):
             msg = str(e.args[1]) if len(e.args) > 1 else ""
         except BaseException:
             _reset(c)
+            _reset_span(c)
             raise
         return self._end(c, tr, code, msg)
 
@@ -368,7 +395,15 @@ class HttpSource(Source):
                         yield job, e
                         continue
                     c = idle.pop() if idle else self._new_handle(progress=False)
-                    tr = self._begin(c, req.relpath, req.on_data, False, req.max_size, False)
+                    tr = self._begin(
+                        c,
+                        req.relpath,
+                        req.on_data,
+                        False,
+                        req.span[1] if req.span is not None else req.max_size,
+                        False,
+                        req.span,
+                    )
                     multi.add_handle(c)
                     active[c] = (job, tr)
                 while multi.perform()[0] == pycurl.E_CALL_MULTI_PERFORM:
@@ -405,6 +440,7 @@ class HttpSource(Source):
             for c in active:
                 multi.remove_handle(c)
                 _reset(c)
+                _reset_span(c)
                 idle.append(c)
             multi.close()
             self._local.many = [*self._local.many, *idle]  # kept: connections are reused
@@ -427,6 +463,12 @@ def _reset(c: pycurl.Curl) -> None:
     c.setopt(pycurl.WRITEFUNCTION, _noop_write)
     c.setopt(pycurl.XFERINFOFUNCTION, _noop_progress)
     c.unsetopt(pycurl.HEADERFUNCTION)
+
+
+def _reset_span(c: pycurl.Curl) -> None:
+    """Back to whole-file requests after a Range request."""
+    c.unsetopt(pycurl.RANGE)
+    c.setopt(pycurl.ACCEPT_ENCODING, "")
 
 
 def _noop_write(_data: bytes) -> int | None:

@@ -15,11 +15,13 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 
+from csi.repo.packs import PackIndex
 from csi.store import Store, is_no_space
 
 from . import bulk
 from .download import Downloader, object_relpath
 from .errors import FetchError
+from .packs import RangeJob, plan
 from .progress import FetchProgress
 from .tasks import Cancelled, Outcome, Task, TaskTable, chain
 
@@ -33,6 +35,8 @@ BULK_MIN_OBJECTS = 64
 _BULK_CHUNK = 64
 _BULK_CHUNK_MIN = 8
 _BULK_CHUNK_BYTES = 32 << 20
+#: Pack ranges handed to a worker process at a time (it runs them together).
+_RANGES_PER_CHUNK = 8
 
 
 class ObjectFetcher:
@@ -78,10 +82,20 @@ class ObjectFetcher:
 
     # -- one fetch -------------------------------------------------------------------------
 
+    def uses_bulk(self, objects: int) -> bool:
+        """Whether a fetch of ``objects`` new objects goes to the worker processes."""
+        return self.bulk is not None and objects >= self.bulk_min_objects
+
     def fetch(
-        self, store: Store, missing: set[bytes], sizes: dict[bytes, int], prog: FetchProgress
+        self,
+        store: Store,
+        missing: set[bytes],
+        sizes: dict[bytes, int],
+        prog: FetchProgress,
+        index: PackIndex | None = None,
     ) -> tuple[int, int, int]:
-        """Download ``missing`` through shared tasks. (fetched by us, by others, bytes)."""
+        """Download ``missing`` through shared tasks. (fetched by us, by others, bytes).
+        ``index``: the image's pack index, for a fetch that goes to the worker processes."""
         if not missing:
             return 0, 0, 0
         if self.closed:
@@ -100,8 +114,8 @@ class ObjectFetcher:
             mine[task.future] = (d, task, created)
             if created:
                 new.append((d, task))
-        if self.bulk is not None and len(new) >= self.bulk_min_objects:
-            self._start_bulk(store, new)
+        if self.uses_bulk(len(new)):
+            self._start_bulk(store, new, index)
         else:
             for d, task in new:
                 self._start(store, d, task)
@@ -193,9 +207,17 @@ class ObjectFetcher:
 
     # -- worker processes ------------------------------------------------------------------
 
-    def _start_bulk(self, store: Store, new: list[tuple[bytes, Task]]) -> None:
-        """Hand ``new`` tasks to the worker processes, a chunk per job of the thread pool."""
+    def _start_bulk(
+        self, store: Store, new: list[tuple[bytes, Task]], index: PackIndex | None
+    ) -> None:
+        """Hand ``new`` tasks to the worker processes, a chunk per job of the thread pool:
+        with a pack index, first those it places in packs, a few ranges per chunk."""
         assert self.bulk is not None
+        if index is not None:
+            tasks = dict(new)
+            ranges, rest = plan(index, {d: t.size or 0 for d, t in new})
+            self._submit_ranges(store, tasks, ranges)
+            new = [(d, t) for d, t in new if d in rest]
         per_chunk = max(
             _BULK_CHUNK_MIN, min(_BULK_CHUNK, -(-len(new) // (2 * self.bulk.processes)))
         )
@@ -210,7 +232,36 @@ class ObjectFetcher:
         if chunk:
             self._submit_bulk(store, chunk)
 
-    def _submit_bulk(self, store: Store, chunk: list[tuple[bytes, Task]]) -> None:
+    def _submit_ranges(
+        self, store: Store, tasks: dict[bytes, Task], ranges: list[RangeJob]
+    ) -> None:
+        """Chunks of up to ``_RANGES_PER_CHUNK`` ranges (``_BULK_CHUNK_BYTES`` at most), and
+        at least two per worker."""
+        assert self.bulk is not None
+        if not ranges:
+            return
+        per_chunk = max(1, min(_RANGES_PER_CHUNK, -(-len(ranges) // (2 * self.bulk.processes))))
+        group: list[RangeJob] = []
+        size = 0
+        for job in ranges:
+            group.append(job)
+            size += job.length
+            if len(group) >= per_chunk or size >= _BULK_CHUNK_BYTES:
+                self._submit_bulk(
+                    store, [(e.digest, tasks[e.digest]) for j in group for e in j.entries], group
+                )
+                group, size = [], 0
+        if group:
+            self._submit_bulk(
+                store, [(e.digest, tasks[e.digest]) for j in group for e in j.entries], group
+            )
+
+    def _submit_bulk(
+        self,
+        store: Store,
+        chunk: list[tuple[bytes, Task]],
+        ranges: list[RangeJob] | None = None,
+    ) -> None:
         def done(f: Future[None]) -> None:
             # A job cancelled (the client closed) or failed unexpectedly: no task may hang.
             if f.cancelled():
@@ -222,9 +273,14 @@ class ObjectFetcher:
                     self.tasks.settle(store, d, task, error=error)
 
         assert self._bulk_jobs is not None
-        self._bulk_jobs.submit(self.bulk_job, store, chunk).add_done_callback(done)
+        self._bulk_jobs.submit(self.bulk_job, store, chunk, ranges).add_done_callback(done)
 
-    def bulk_job(self, store: Store, chunk: list[tuple[bytes, Task]]) -> None:
+    def bulk_job(
+        self,
+        store: Store,
+        chunk: list[tuple[bytes, Task]],
+        ranges: list[RangeJob] | None = None,
+    ) -> None:
         """Thread-pool job: one chunk through a worker process, then into the store.
 
         Only objects this job could claim in the store go to the worker; one being written
@@ -247,17 +303,22 @@ class ObjectFetcher:
                 if store.has_object(d):
                     self.tasks.settle(store, d, tasks[d], result=(False, 0))
             if mine:
-                self._bulk_claimed(store, [(d, tasks[d]) for d in tasks if d in mine])
+                self._bulk_claimed(store, [(d, tasks[d]) for d in tasks if d in mine], ranges)
         for d, task in chunk:  # claimed elsewhere: wait for it (or write it) here
             if not task.future.done():
                 self._finish_in_process(store, d, task)
 
-    def _bulk_claimed(self, store: Store, chunk: list[tuple[bytes, Task]]) -> None:
+    def _bulk_claimed(
+        self, store: Store, chunk: list[tuple[bytes, Task]], ranges: list[RangeJob] | None
+    ) -> None:
         assert self.bulk is not None
         tasks = dict(chunk)
         try:
             results, _ = self.bulk.fetch(
-                store.repo.tmp.path, store.repo.tmp.owner(), [(d, t.size) for d, t in chunk]
+                store.repo.tmp.path,
+                store.repo.tmp.owner(),
+                [(d, t.size) for d, t in chunk],
+                ranges,
             )
         except Exception as e:  # the worker died, or could not start: the caller retries
             log.warning(
@@ -296,3 +357,7 @@ class ObjectFetcher:
                 log.info("repository %r: %s; fetching it in-process", self.name, r.message)
             else:  # final: the worker already tried every mirror
                 self.tasks.settle(store, r.digest, tasks[r.digest], error=r.to_exception())
+
+
+def _range_tasks(ranges: list[RangeJob], tasks: dict[bytes, Task]) -> list[tuple[bytes, Task]]:
+    return [(e.digest, tasks[e.digest]) for job in ranges for e in job.entries]

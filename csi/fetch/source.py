@@ -46,8 +46,12 @@ class Source(ABC):
         *,
         accept_symlink: bool = False,
         max_size: int | None = None,
+        span: tuple[int, int] | None = None,
     ) -> Response:
-        """Stream ``relpath`` to ``on_data``. Exceptions raised by ``on_data`` propagate as is."""
+        """Stream ``relpath`` to ``on_data``. Exceptions raised by ``on_data`` propagate as is.
+
+        ``span`` (offset, length): only those bytes of the file (a Range request over
+        HTTP); fewer than ``length`` is an error (not a short response)."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
