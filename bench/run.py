@@ -18,6 +18,7 @@ BENCHMARKS = [
     ("bench.store", False),
     ("bench.fuse", True),
     ("bench.publish", True),
+    ("bench.network", True),
 ]
 
 

@@ -11,6 +11,7 @@ APT_PACKAGES=(
   nginx curl openssl                                # repositories served over HTTP(S) in tests/bench
   erofs-utils kmod util-linux mount                 # fsck.erofs, modprobe, losetup, mount
   prometheus                                        # evaluates the dashboard's queries in tests
+  docker-registry skopeo umoci                      # the OCI pull bench.network compares with
 )
 
 missing=()

@@ -6,8 +6,10 @@ only one round trip after it was accepted (the TCP handshake). Each direction al
 most ``window`` bytes unacknowledged, a byte counting until one round trip after it arrived
 (as a sender waits for the receiver's ACK), so one connection carries at most ``window / rtt``
 bytes per second, like a real TCP connection with that receive window. The default window is
-the largest that Linux grows a receive buffer to on its own (``net.ipv4.tcp_rmem``, 6 MiB by
-default); bandwidth is otherwise loopback's.
+the largest that Linux grows a receive buffer to on its own (the third field of
+``net.ipv4.tcp_rmem``: 32 MiB on the project machine's kernel, 6 MiB on older ones);
+bandwidth is otherwise loopback's. The bytes carried each way are counted (the bytes "on the
+wire" of a benchmark).
 
 It listens on 127.0.0.1 only, forwards only to the one upstream it was given, and is bounded
 in time: it runs in a child process (off the caller's GIL) that exits after ``max_seconds``,
@@ -86,6 +88,9 @@ class _Proxy:
         self.timers: list[tuple[float, int, _Direction]] = []
         self.seq = 0
         self.pairs: dict[socket.socket, tuple[_Pair, _Direction]] = {}
+        self.bytes_up = 0  # client -> server
+        self.bytes_down = 0  # server -> client
+        self.connections = 0
 
     def _accept(self) -> None:
         try:
@@ -105,6 +110,7 @@ class _Proxy:
         up = _Direction(client, server, now + self.rtt + self.half)
         down = _Direction(server, client, 0.0)
         pair = _Pair(up, down)
+        self.connections += 1
         self.pairs[client] = (pair, up)
         self.pairs[server] = (pair, down)
         self.sel.register(client, selectors.EVENT_READ, client)
@@ -136,6 +142,10 @@ class _Proxy:
         due = max(now + self.half, d.not_before)
         d.queue.append((due, data))
         if data:
+            if d is pair.up:
+                self.bytes_up += len(data)
+            else:
+                self.bytes_down += len(data)
             d.unacked += len(data)
             d.acks.append((now + self.rtt, len(data)))
             self._timer(now + self.rtt, d)
@@ -231,7 +241,10 @@ def serve(
     listen.setblocking(False)
     print(listen.getsockname()[1], flush=True)
     proxy = _Proxy(listen, upstream, rtt, window or default_window())
-    proxy.run(time.monotonic() + max_seconds, sys.stdin.fileno() if watch_stdin else None)
+    try:
+        proxy.run(time.monotonic() + max_seconds, sys.stdin.fileno() if watch_stdin else None)
+    finally:
+        print(f"{proxy.bytes_up} {proxy.bytes_down} {proxy.connections}", flush=True)
 
 
 class LatencyProxy:
@@ -253,6 +266,10 @@ class LatencyProxy:
         self.window = window
         self.max_seconds = max_seconds
         self.port = 0
+        #: Bytes carried each way and connections accepted (known once stopped).
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.connections = 0
         self._proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> LatencyProxy:
@@ -296,6 +313,9 @@ class LatencyProxy:
             proc.kill()
             proc.wait()
         if proc.stdout is not None:
+            fields = proc.stdout.read().split()
+            if len(fields) == 3:
+                self.bytes_up, self.bytes_down, self.connections = map(int, fields)
             proc.stdout.close()
 
     def __enter__(self) -> LatencyProxy:
