@@ -58,6 +58,7 @@ _CARRIED: dict[str, Counter] = {
     "objects": m.OBJECTS,
     "retries": m.RETRIES,
     "digest_mismatches": m.DIGEST_MISMATCHES,
+    "pack_ranges": m.PACK_RANGES,
 }
 
 CounterDelta = list[tuple[str, dict[str, str], float]]
@@ -405,12 +406,18 @@ def _from_ranges(
                 failed.append((job, downloader.attempt_failed(outcome, 0)))
             elif not isinstance(outcome, Response):
                 raise outcome
+            else:
+                m.PACK_RANGES.labels(downloader.name, "ok").inc()
     else:
         failed = [(job, None) for job in ranges]
     for job, prior in failed:
         subject = f"{job.relpath} bytes {job.offset}-{job.offset + job.length - 1}"
-        with contextlib.suppress(errors.FetchError):  # what it held comes from objects/
+        try:
             downloader.mirrors.attempts(subject, functools.partial(rest_of, job), prior)
+        except errors.FetchError:  # what it held comes from objects/ (below)
+            m.PACK_RANGES.labels(downloader.name, "error").inc()
+        else:
+            m.PACK_RANGES.labels(downloader.name, "ok").inc()
     out = list(again.values())
     out.extend((d, size, None, 0) for d, size in items if d not in results and d not in again)
     return out

@@ -12,7 +12,6 @@ puts together the parts of a fetch, each in its own module:
 
 from __future__ import annotations
 
-import mmap
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 from csi.store import ImageRejected, Store, StoreFull
 
 from . import metrics as m
+from . import noderefs
 from .config import RepositoryConfig
 from .download import Downloader
 from .errors import Corrupt, FetchError, NoSpace
@@ -29,8 +29,7 @@ from .mirrors import Mirrors
 from .objects import BULK_MIN_OBJECTS, ObjectFetcher
 from .packs import load_index
 from .progress import FetchProgress
-from .refs import parse_digest
-from .resolving import resolve_ref
+from .resolving import Resolved
 from .source import Source
 from .tasks import Cancelled
 
@@ -108,12 +107,37 @@ class RepositoryClient:
 
     # -- public API --------------------------------------------------------------------------
 
-    def resolve(self, ref: str) -> bytes:
-        """The image digest ``ref`` designates (a digest reference needs no request)."""
-        digest, body, _ = resolve_ref(self.mirrors, ref, None)
-        if body is not None:
-            body.close()
-        return digest
+    def resolve(self, ref: str, store: Store | None = None) -> bytes:
+        """The image digest ``ref`` designates (a digest reference needs no request).
+
+        With ``store`` (a node's): the request is conditional on what the store recorded of
+        the ref, and that record answers when every mirror is unreachable
+        (:mod:`csi.fetch.noderefs`); the resolution is recorded, and an image served as
+        the ref's answer is stored (a fetch by its digest then needs no request for it).
+        """
+        res = noderefs.resolve(self.mirrors, ref, store, None)
+        try:
+            if store is not None and not res.offline:
+                if res.body is not None and not store.has_image(res.digest):
+                    self._store_body(store, res)
+                noderefs.record(self.name, store, ref, res)
+        finally:
+            res.close()
+        return res.digest
+
+    def _store_body(self, store: Store, res: Resolved) -> None:
+        """Store the image a ref was answered with (validated by the resolution, which
+        listed its objects on the way)."""
+        assert res.body is not None
+        subject = f"image {res.digest.hex()}"
+        try:
+            known = set(res.sizes) if res.sizes is not None else None
+            with memoryview(res.body) as view:
+                store.add_image_bytes(view, objects=known)
+        except ImageRejected as e:
+            raise Corrupt(str(e), repository=self.name, subject=subject) from None
+        except StoreFull as e:
+            raise NoSpace(str(e), repository=self.name, subject=subject) from None
 
     def fetch_image(
         self,
@@ -152,14 +176,11 @@ class RepositoryClient:
         self, ref: str, store: Store, prog: FetchProgress, with_objects: bool
     ) -> FetchResult:
         t0 = time.monotonic()
-        digest, body, body_sizes = resolve_ref(self.mirrors, ref, prog)
+        res = noderefs.resolve(self.mirrors, ref, store, prog)
         try:
-            return self._fetch_resolved(
-                ref, store, prog, with_objects, t0, digest, body, body_sizes
-            )
+            return self._fetch_resolved(ref, store, prog, with_objects, t0, res)
         finally:
-            if body is not None:
-                body.close()
+            res.close()
 
     def _fetch_resolved(
         self,
@@ -168,10 +189,9 @@ class RepositoryClient:
         prog: FetchProgress,
         with_objects: bool,
         t0: float,
-        digest: bytes,
-        body: mmap.mmap | None,
-        body_sizes: dict[bytes, int] | None,
+        res: Resolved,
     ) -> FetchResult:
+        digest, body, body_sizes = res.digest, res.body, res.sizes
         received = len(body) if body is not None else 0
         h = digest.hex()
         with store.pin([digest]):
@@ -183,15 +203,7 @@ class RepositoryClient:
                     self.objects.warm(len(body_sizes))
                 prog.set_phase("image")
                 if body is not None:
-                    try:
-                        # validated by _resolve, which listed its objects on the way
-                        known = set(body_sizes) if body_sizes is not None else None
-                        with memoryview(body) as view:
-                            store.add_image_bytes(view, objects=known)
-                    except ImageRejected as e:
-                        raise Corrupt(str(e), repository=self.name, subject=f"image {h}") from None
-                    except StoreFull as e:
-                        raise NoSpace(str(e), repository=self.name, subject=f"image {h}") from None
+                    self._store_body(store, res)
                     image_fetched = True
                 else:
                     image_fetched, got = self.downloader.download(
@@ -233,8 +245,7 @@ class RepositoryClient:
                     m.DEDUP_HITS.labels(self.name).inc(present)
             else:  # lazy: the objects come later, on demand
                 prog.set_totals(len(objects), None)
-            if parse_digest(ref) is None:
-                store.set_ref(self.name, ref, digest)
+            noderefs.record(self.name, store, ref, res)
         return FetchResult(
             repository=self.name,
             ref=ref,

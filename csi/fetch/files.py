@@ -16,7 +16,7 @@ from .errors import (
     SourceNotFound,
     SourceTransient,
 )
-from .source import CHUNK, OnData, Response, Source
+from .source import CHUNK, OnData, Response, Source, Validators
 
 
 class FileSource(Source):
@@ -39,6 +39,7 @@ class FileSource(Source):
         accept_symlink: bool = False,
         max_size: int | None = None,
         span: tuple[int, int] | None = None,
+        validators: Validators | None = None,
     ) -> Response:
         try:
             root_fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -25,12 +25,28 @@ OnData = Callable[[bytes], object]
 
 
 @dataclass(frozen=True, slots=True)
+class Validators:
+    """What identifies one version of an HTTP answer (``ETag``, ``Last-Modified``): sent back
+    with a conditional request, whose 304 answer then says that nothing changed."""
+
+    etag: str | None = None
+    last_modified: str | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.etag or self.last_modified)
+
+
+@dataclass(frozen=True, slots=True)
 class Response:
     """What a successful :meth:`Source.get` returns: ``symlink_target`` is set (and no data was
-    passed on) when the path was a symlink and ``accept_symlink`` was asked for."""
+    passed on) when the path was a symlink and ``accept_symlink`` was asked for.
+    ``validators``: of an ``accept_symlink`` answer over HTTP, when the server gave any.
+    ``not_modified``: a conditional request was answered 304 (no data was passed on)."""
 
     size: int
     symlink_target: str | None = None
+    validators: Validators | None = None
+    not_modified: bool = False
 
 
 class Source(ABC):
@@ -47,11 +63,14 @@ class Source(ABC):
         accept_symlink: bool = False,
         max_size: int | None = None,
         span: tuple[int, int] | None = None,
+        validators: Validators | None = None,
     ) -> Response:
         """Stream ``relpath`` to ``on_data``. Exceptions raised by ``on_data`` propagate as is.
 
         ``span`` (offset, length): only those bytes of the file (a Range request over
-        HTTP); fewer than ``length`` is an error (not a short response)."""
+        HTTP); fewer than ``length`` is an error (not a short response). ``validators``
+        (with ``accept_symlink``): a conditional request; sources that cannot make one
+        ignore them."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""

@@ -31,6 +31,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -113,6 +114,19 @@ def is_no_space(e: BaseException) -> bool:
     if isinstance(e, OSError) and e.errno in NO_SPACE_ERRNOS:
         return True
     return isinstance(e, sqlite3.OperationalError) and "full" in str(e)
+
+
+@dataclass(frozen=True, slots=True)
+class RefRecord:
+    """A ref as the store last saw it resolved (:meth:`Store.ref_record`)."""
+
+    digest: bytes
+    #: When a repository last confirmed it (seconds since the epoch).
+    checked: float
+    etag: str | None = None
+    last_modified: str | None = None
+    #: The mirror that gave the validators (its safe label).
+    source: str | None = None
 
 
 class Store:
@@ -564,22 +578,58 @@ class Store:
 
     # -- refs, leases, pins ----------------------------------------------------------------
 
-    def set_ref(self, repository: str, name: str, digest: bytes) -> None:
-        """Record what ``name`` resolved to in ``repository`` (a local note, not a GC root)."""
+    def set_ref(
+        self,
+        repository: str,
+        name: str,
+        digest: bytes,
+        *,
+        etag: str | None = None,
+        last_modified: str | None = None,
+        source: str | None = None,
+    ) -> None:
+        """Record what ``name`` resolved to in ``repository`` (a local note, not a GC root),
+        confirmed now; with the HTTP validators of the answer and the mirror (``source``)
+        that gave them, for a conditional request next time."""
         layout.validate_ref_name(repository)
         layout.validate_ref_name(name)
         layout.check_digest(digest)
+        now = time.time()
         with self._lock(exclusive=False), self.db.tx() as cur:
             cur.execute(
-                "INSERT OR REPLACE INTO refs VALUES (?, ?, ?, ?)",
-                (repository, name, digest, time.time()),
+                "INSERT OR REPLACE INTO refs(repository, name, digest, updated, etag, "
+                "last_modified, source, checked) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (repository, name, digest, now, etag, last_modified, source, now),
             )
+
+    def confirm_ref(self, repository: str, name: str, digest: bytes) -> bool:
+        """Note that the repository confirmed, now, that ``name`` still designates ``digest``
+        (an HTTP 304). False if the store no longer records that."""
+        with self._lock(exclusive=False), self.db.tx() as cur:
+            cur.execute(
+                "UPDATE refs SET checked = ? WHERE repository = ? AND name = ? AND digest = ?",
+                (time.time(), repository, name, digest),
+            )
+            return cur.rowcount > 0
 
     def get_ref(self, repository: str, name: str) -> bytes | None:
         rows = self.db.query(
             "SELECT digest FROM refs WHERE repository = ? AND name = ?", (repository, name)
         )
         return bytes(rows[0][0]) if rows else None
+
+    def ref_record(self, repository: str, name: str) -> RefRecord | None:
+        """What the store knows of ``name`` in ``repository``: its digest, when the
+        repository last confirmed it, and the validators of that answer."""
+        rows = self.db.query(
+            "SELECT digest, coalesce(checked, updated), etag, last_modified, source FROM refs "
+            "WHERE repository = ? AND name = ?",
+            (repository, name),
+        )
+        if not rows:
+            return None
+        digest, checked, etag, last_modified, source = rows[0]
+        return RefRecord(bytes(digest), float(checked), etag, last_modified, source)
 
     def lease(self, holder: str, images: Iterable[bytes]) -> None:
         """Add ``images`` to ``holder``'s lease (idempotent; persisted)."""
