@@ -29,7 +29,7 @@ class FileSource(Source):
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self.label = str(root)
+        self.label = self.identity = str(root)
 
     def get(
         self,

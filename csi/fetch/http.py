@@ -205,6 +205,7 @@ class HttpSource(Source):
     def __init__(self, base_url: str, config: RepositoryConfig) -> None:
         self.base = base_url if base_url.endswith("/") else base_url + "/"
         self.label = display_url(base_url)
+        self.identity = self.base
         self.config = config
         self._local = threading.local()
         self._auth_lock = threading.Lock()

@@ -43,10 +43,11 @@ class Known:
 @dataclass(frozen=True, slots=True)
 class Resolved:
     """What :func:`resolve_ref` found. ``body`` (a mapping the caller closes) and ``sizes``
-    (from one validating walk) when the ref was served as the image itself; ``validators`` and
-    ``source`` (its label) of the answer, for the next conditional request; ``unchanged``:
-    the answer was a 304 (``digest`` is then the known one); ``offline``: no mirror could be
-    reached and ``digest`` is this node's last resolution (:mod:`csi.fetch.noderefs`)."""
+    (from one validating walk) when the ref was served as the image itself; ``validators``
+    and ``source`` (the mirror's identity) of the answer, for the next conditional request;
+    ``unchanged``: the answer was a 304 (``digest`` is then the known one); ``offline``: no
+    mirror could be reached and ``digest`` is this node's last resolution
+    (:mod:`csi.fetch.noderefs`)."""
 
     digest: bytes
     body: mmap.mmap | None = None
@@ -84,23 +85,23 @@ def resolve_ref(
             if progress is not None:
                 progress.downloaded(len(chunk))
 
-        ask = known.validators if known is not None and known.source == src.label else None
+        ask = known.validators if known is not None and known.source == src.identity else None
         try:
             resp = src.get(relpath, on_data, accept_symlink=True, max_size=limit, validators=ask)
             if resp.not_modified and known is not None:
-                return Resolved(known.digest, validators=ask, source=src.label, unchanged=True)
+                return Resolved(known.digest, validators=ask, source=src.identity, unchanged=True)
             if resp.symlink_target is not None:
                 try:
                     digest = parse_ref_target(ref, resp.symlink_target)
                 except ValueError as e:
                     raise SourceInvalid(str(e)) from None
-                return Resolved(digest, validators=resp.validators, source=src.label)
+                return Resolved(digest, validators=resp.validators, source=src.identity)
             n = buf.size
             body = buf.finish()
         finally:
             buf.close()
         digest, body, sizes = image_body(body, n)
-        return Resolved(digest, body, sizes, resp.validators, src.label)
+        return Resolved(digest, body, sizes, resp.validators, src.identity)
 
     return mirrors.attempts(f"ref {ref!r}", attempt)
 

@@ -50,9 +50,12 @@ class Response:
 
 
 class Source(ABC):
-    """One mirror. ``label`` is safe to show (scheme, host and port, or the local path)."""
+    """One mirror. ``label`` is safe to show (scheme, host and port, or the local path);
+    ``identity`` tells mirrors apart (the whole base URL or path; never a credential, which
+    a configured URL cannot hold)."""
 
     label: str
+    identity: str
 
     @abstractmethod
     def get(

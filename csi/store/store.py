@@ -125,7 +125,7 @@ class RefRecord:
     checked: float
     etag: str | None = None
     last_modified: str | None = None
-    #: The mirror that gave the validators (its safe label).
+    #: The mirror that gave the validators (its base URL or path).
     source: str | None = None
 
 
