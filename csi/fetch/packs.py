@@ -63,33 +63,38 @@ class RangeJob(NamedTuple):
 
 def load_index(mirrors: Mirrors, image: bytes, objects: int) -> PackIndex | None:
     """The pack index of ``image`` (which has ``objects`` objects) from the first mirror that
-    has one, or None: no retries and no error, packs only save requests."""
+    has one, or None. Each mirror is asked at most twice (once more after a transient error):
+    packs only save requests, so there is no backoff and no error."""
     relpath = index_relpath(image)
     limit = index_size_limit(objects)
     for src in mirrors.sources:
-        chunks: list[bytes] = []
-        try:
-            src.get(relpath, chunks.append, max_size=limit)
-        except SourceNotFound:
-            continue
-        except SourceError as e:
-            log.info(
-                "repository %r: no pack index from %s (%s): objects one by one",
-                mirrors.name,
-                src.label,
-                mirrors.safe(e),
-            )
-            continue
-        try:
-            return parse_index(b"".join(chunks), max_entries=objects)
-        except ValueError as e:
-            log.warning(
-                "repository %r: unusable pack index of image %s from %s: %s",
-                mirrors.name,
-                image.hex(),
-                src.label,
-                e,
-            )
+        for attempt in range(2):
+            chunks: list[bytes] = []
+            try:
+                src.get(relpath, chunks.append, max_size=limit)
+            except SourceNotFound:
+                break
+            except SourceError as e:
+                log.info(
+                    "repository %r: no pack index from %s (%s)",
+                    mirrors.name,
+                    src.label,
+                    mirrors.safe(e),
+                )
+                if e.transient and not attempt:
+                    continue
+                break
+            try:
+                return parse_index(b"".join(chunks), max_entries=objects)
+            except ValueError as e:
+                log.warning(
+                    "repository %r: unusable pack index of image %s from %s: %s",
+                    mirrors.name,
+                    image.hex(),
+                    src.label,
+                    e,
+                )
+                break
     return None
 
 
