@@ -181,6 +181,10 @@ class _TempSink:
 
 _client: Downloader | None = None  # the worker's downloader (one per process; set by _init)
 _parallel = 1  # requests a worker runs at once (set by _init)
+#: Small objects: a worker keeps up to this many bytes of them asked for at once (and at most
+#: SMALL_PARALLEL_MAX times ``_parallel`` requests), so that round trips do not set the pace.
+SMALL_BYTES_IN_FLIGHT = 1 << 20
+SMALL_PARALLEL_MAX = 4
 
 
 def _init(
@@ -299,7 +303,7 @@ def _first_attempts(
         return Request(object_relpath(digest), obj.write, size)
 
     try:
-        for (digest, size), outcome in src.get_many(items, begin, parallel=_parallel):
+        for (digest, size), outcome in src.get_many(items, begin, parallel=in_flight(items)):
             subject = f"object {digest.hex()}"
             obj = started.pop(digest, None)
             if obj is None:  # begin() failed: no temp file; the outcome is its error
@@ -421,6 +425,19 @@ def _from_ranges(
     out = list(again.values())
     out.extend((d, size, None, 0) for d, size in items if d not in results and d not in again)
     return out
+
+
+def in_flight(items: list[tuple[bytes, int | None]]) -> int:
+    """Requests to run at once for ``items``: ``_parallel``, or more for small objects, as
+    many as keep :data:`SMALL_BYTES_IN_FLIGHT` asked for (at most ``SMALL_PARALLEL_MAX``
+    times ``_parallel``): over a long round trip one request per object is otherwise paced by
+    the round trip, not by the bandwidth."""
+    known = [size for _, size in items if size is not None]
+    if not known:
+        return _parallel
+    mean = max(1, sum(known) // len(known))
+    want = -(-SMALL_BYTES_IN_FLIGHT // mean)
+    return max(_parallel, min(SMALL_PARALLEL_MAX * _parallel, want))
 
 
 def _no_space(digest: bytes, subject: str, e: Exception) -> Failed:
