@@ -35,8 +35,10 @@ BULK_MIN_OBJECTS = 64
 _BULK_CHUNK = 64
 _BULK_CHUNK_MIN = 8
 _BULK_CHUNK_BYTES = 32 << 20
-#: Pack ranges handed to a worker process at a time (it runs them together).
+#: Pack ranges handed to a worker process at a time (it runs them together), and at most
+#: this many objects (claimed in the store together: see csi.fetch.packs.RANGE_MAX_ENTRIES).
 _RANGES_PER_CHUNK = 8
+_RANGE_CHUNK_OBJECTS = 256
 
 
 class ObjectFetcher:
@@ -242,19 +244,20 @@ class ObjectFetcher:
             return
         per_chunk = max(1, min(_RANGES_PER_CHUNK, -(-len(ranges) // (2 * self.bulk.processes))))
         group: list[RangeJob] = []
-        size = 0
+        size = count = 0
         for job in ranges:
             group.append(job)
             size += job.length
-            if len(group) >= per_chunk or size >= _BULK_CHUNK_BYTES:
-                self._submit_bulk(
-                    store, [(e.digest, tasks[e.digest]) for j in group for e in j.entries], group
-                )
-                group, size = [], 0
+            count += len(job.entries)
+            if (
+                len(group) >= per_chunk
+                or size >= _BULK_CHUNK_BYTES
+                or count >= _RANGE_CHUNK_OBJECTS
+            ):
+                self._submit_bulk(store, _range_tasks(group, tasks), group)
+                group, size, count = [], 0, 0
         if group:
-            self._submit_bulk(
-                store, [(e.digest, tasks[e.digest]) for j in group for e in j.entries], group
-            )
+            self._submit_bulk(store, _range_tasks(group, tasks), group)
 
     def _submit_bulk(
         self,

@@ -42,6 +42,9 @@ GAP = 256 << 10
 #: Longest range: long enough that a request's round trip is small beside its transfer, short
 #: enough to spread a fetch over every worker and connection.
 RANGE_MAX = 4 << 20
+#: Most entries in one range (the objects of a range are claimed in the store together, and
+#: the kernel walks every lock held on the store's lock file to take one more).
+RANGE_MAX_ENTRIES = 128
 #: Largest object taken from a pack (an entry is held in memory whole while it is checked).
 ENTRY_MAX = 16 << 20
 
@@ -104,6 +107,7 @@ def plan(
     *,
     gap: int = GAP,
     range_max: int = RANGE_MAX,
+    max_entries: int = RANGE_MAX_ENTRIES,
 ) -> tuple[list[RangeJob], set[bytes]]:
     """Ranges for the objects of ``missing`` (digest: size) that ``index`` places in packs;
     and the objects left to fetch one by one."""
@@ -132,7 +136,10 @@ def plan(
         for row in rows:
             offset, length = row[0], row[1]
             if run and (
-                offset < end or offset - end > gap or offset + length - run[0][0] > range_max
+                offset < end
+                or offset - end > gap
+                or offset + length - run[0][0] > range_max
+                or len(run) >= max_entries
             ):
                 if offset < end:
                     continue  # overlaps the previous entry: from objects/
