@@ -389,16 +389,15 @@ class Store:
             for d in wanted:
                 if d not in self._flights:
                     mine[d] = self._flights[d] = _Flight()
-        fd = -1
+        fds: list[int] = []
         try:
-            fd, locked = self.repo.tmp.key_locks.try_hold_many(list(mine))
+            fds, locked = self.repo.tmp.key_locks.try_hold_many(list(mine))
             # Present objects are left out here, once locked (the caller usually asks for
             # objects it has just found missing, so looking before would mostly look twice).
             held = {d for d in locked if not self.repo.has_object(d)}
             yield held
         finally:
-            if fd >= 0:
-                self.repo.tmp.key_locks.release_many(fd)
+            self.repo.tmp.key_locks.release_many(fds)
             with self._flights_mu:
                 for d in mine:
                     del self._flights[d]
