@@ -42,9 +42,8 @@ GAP = 256 << 10
 #: Longest range: long enough that a request's round trip is small beside its transfer, short
 #: enough to spread a fetch over every worker and connection.
 RANGE_MAX = 4 << 20
-#: Most entries in one range (the objects of a range are claimed in the store together, and
-#: the kernel walks every lock held on the store's lock file to take one more).
-RANGE_MAX_ENTRIES = 128
+#: Most entries in one range (its objects are claimed in the store together, one lock each).
+RANGE_MAX_ENTRIES = 512
 #: Largest object taken from a pack (an entry is held in memory whole while it is checked).
 ENTRY_MAX = 16 << 20
 

@@ -244,7 +244,8 @@ def serve(
     try:
         proxy.run(time.monotonic() + max_seconds, sys.stdin.fileno() if watch_stdin else None)
     finally:
-        print(f"{proxy.bytes_up} {proxy.bytes_down} {proxy.connections}", flush=True)
+        with contextlib.suppress(OSError):  # nobody reads them any more
+            print(f"{proxy.bytes_up} {proxy.bytes_down} {proxy.connections}", flush=True)
 
 
 class LatencyProxy:
