@@ -340,9 +340,14 @@ class ObjectFetcher:
             )
         except BaseException as e:
             outcomes = [e] * len(written)
+        received: dict[FetchProgress, int] = {}  # told once per fetch, not once per object
+        for w in written:
+            p = tasks[w.digest].progress
+            received[p] = received.get(p, 0) + w.received
+        for p, n in received.items():
+            p.downloaded(n)
         for w, outcome in zip(written, outcomes, strict=True):
             task = tasks[w.digest]
-            task.progress.downloaded(w.received)
             if isinstance(outcome, BaseException) and is_no_space(outcome):
                 # Left unsettled: fetched again in-process, where the store can make room.
                 log.info(

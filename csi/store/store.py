@@ -432,7 +432,7 @@ class Store:
             verity = self._try_verity(lock_fd)
             todo.append((i, _Pending(digest, tmp, "object", size, verity, None)))
         errors = self._group.submit_all([p for _, p in todo])
-        added = False
+        added = added_bytes = with_verity = 0  # counted once per call, not once per object
         for (i, p), err in zip(todo, errors, strict=True):
             if err is not None:
                 p.tmp.discard()
@@ -440,12 +440,14 @@ class Store:
                 continue
             out[i] = p.published
             if p.published:
-                added = True
-                m.OBJECTS_ADDED.inc()
-                m.BYTES_ADDED.inc(p.size)
-                if p.verity:
-                    m.VERITY_ENABLED.inc()
+                added += 1
+                added_bytes += p.size
+                with_verity += p.verity
         if added:
+            m.OBJECTS_ADDED.inc(added)
+            m.BYTES_ADDED.inc(added_bytes)
+            if with_verity:
+                m.VERITY_ENABLED.inc(with_verity)
             self._after_insert()
         return out
 
