@@ -19,6 +19,7 @@ BENCHMARKS = [
     ("bench.fuse", True),
     ("bench.publish", True),
     ("bench.oci_import", True),
+    ("bench.network", True),
 ]
 
 

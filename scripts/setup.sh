@@ -16,7 +16,7 @@ APT_PACKAGES=(
   nginx curl openssl                                # repositories served over HTTP(S) in tests/bench
   erofs-utils kmod util-linux mount                 # fsck.erofs, modprobe, losetup, mount
   prometheus                                        # evaluates the dashboard's queries in tests
-  skopeo umoci docker-registry apache2-utils zstd   # OCI import tests/bench (htpasswd: apache2-utils)
+  skopeo umoci docker-registry apache2-utils zstd   # OCI import tests and bench, bench.network's OCI pull
 )
 if [ "${1:-}" = "--e2e" ]; then
   APT_PACKAGES+=(podman runc mmdebstrap)             # make e2e: containers, the base image

@@ -185,7 +185,7 @@ def test_bulk_worker_out_of_space_falls_back_to_the_store(
     in-process, where the store collects garbage and then says clearly that it is full."""
     from tests.test_store_full import small_tmpfs
 
-    caplog.set_level(logging.INFO, logger="csi.fetch.client")
+    caplog.set_level(logging.INFO, logger="csi.fetch")
     with small_tmpfs(tmp_path / "mnt", "2m") as mnt:
         store = Store(mnt / "store")
         with (
@@ -256,19 +256,19 @@ def test_kill9_during_bulk_fetch_leaves_nothing(
 def test_bulk_job_skips_objects_no_fetch_wants_any_more(tmp_path: Path) -> None:
     """A chunk queued behind others may find every fetch that wanted its objects gone (they
     failed): those objects are not downloaded, and their waiters get Cancelled."""
-    from csi.fetch.client import Cancelled, _Task
     from csi.fetch.progress import FetchProgress
+    from csi.fetch.tasks import Cancelled, Task
 
     store = Store(tmp_path / "s")
     digest = digest_bytes(b"never wanted")
     with bulk_client("http://127.0.0.1:9/", "bulk-f") as c:  # nothing listens there
-        task, created = c._register(store, digest, 100, FetchProgress())
-        assert created and isinstance(task, _Task)
+        task, created = c.objects.tasks.register(store, digest, 100, FetchProgress())
+        assert created and isinstance(task, Task)
         task.interest = 0
-        c._bulk_job(store, [(digest, task)])
+        c.objects.bulk_job(store, [(digest, task)])
         with pytest.raises(Cancelled, match="every fetch that wanted it failed"):
             task.future.result(timeout=5)
-        assert c._inflight == {}
+        assert c.objects.tasks.inflight == {}
     assert not store.has_object(digest)
 
 
@@ -323,21 +323,21 @@ def test_fetch_of_a_large_new_image_warms_the_workers(world: World, tmp_path: Pa
     calls: list[str] = []
     store = Store(tmp_path / "s")
     with bulk_client(f"http://127.0.0.1:{world.port}/", "bulk-w2") as c:
-        assert c._bulk is not None
-        real = c._bulk.warm
+        assert c.objects.bulk is not None
+        real = c.objects.bulk.warm
 
         def warm() -> None:
             calls.append("warm")
             real()
 
-        c._bulk.warm = warm  # type: ignore[method-assign]
-        fetch = c._bulk.fetch
+        c.objects.bulk.warm = warm  # type: ignore[method-assign]
+        fetch = c.objects.bulk.fetch
 
         def counted(*a: object, **kw: object) -> bulk.ChunkResult:
             calls.append("fetch")
             return fetch(*a, **kw)  # type: ignore[arg-type]
 
-        c._bulk.fetch = counted  # type: ignore[method-assign]
+        c.objects.bulk.fetch = counted  # type: ignore[method-assign]
         c.fetch_image("app:v1", store)
     assert calls[0] == "warm" and "fetch" in calls
     assert store.missing_objects(world.images["app:v1"]) == set()
@@ -348,11 +348,11 @@ def test_a_killed_worker_is_replaced(
 ) -> None:
     """A worker that dies (OOM kill, say) breaks its pool; the chunks it had are fetched
     in-process and later fetches start new workers instead of staying in-process for good."""
-    caplog.set_level(logging.WARNING, logger="csi.fetch.client")
+    caplog.set_level(logging.WARNING, logger="csi.fetch")
     with bulk_client(f"http://127.0.0.1:{world.port}/", "bulk-h") as c:
-        assert c._bulk is not None
+        assert c.objects.bulk is not None
         c.fetch_image("app:v1", Store(tmp_path / "s1"))
-        pool = c._bulk._pool
+        pool = c.objects.bulk._pool
         assert pool is not None
         victim = next(iter(pool._processes))
         os.kill(victim, signal.SIGKILL)
@@ -366,7 +366,7 @@ def test_a_killed_worker_is_replaced(
         store3 = Store(tmp_path / "s3")
         c.fetch_image("app:v1", store3)
         assert "worker process failed" not in caplog.text
-        assert c._bulk._pool is not None and c._bulk._pool is not pool
+        assert c.objects.bulk._pool is not None and c.objects.bulk._pool is not pool
         assert store3.missing_objects(world.images["app:v1"]) == set()
         assert worker_temps(store2.root) == worker_temps(store3.root) == []
 
@@ -385,3 +385,16 @@ def test_objects_are_reported_done_as_they_end(world: World, tmp_path: Path) -> 
     assert any(s.objects_done > 0 and s.bytes_downloaded < final.bytes_downloaded for s in snaps)
     done = [s.objects_done for s in snaps]
     assert done == sorted(done)  # never goes back
+
+
+def test_small_objects_get_more_requests_in_flight(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over a round trip, one request per object is paced by the round trip: a worker runs
+    more of them at once when they are small (up to 4x its share of the concurrency)."""
+    from csi.fetch import bulk
+
+    monkeypatch.setattr(bulk, "_parallel", 4)
+    d = b"\0" * 32
+    assert bulk.in_flight([(d, 400_000)] * 10) == 4  # large: the configured share
+    assert bulk.in_flight([(d, 100_000)] * 10) == 11  # 1 MiB in flight
+    assert bulk.in_flight([(d, 4096)] * 10) == 16  # capped at 4x
+    assert bulk.in_flight([(d, None)] * 10) == 4  # sizes unknown

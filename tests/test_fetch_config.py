@@ -159,10 +159,10 @@ def test_backoff_grows_and_is_capped() -> None:
     )
     no_jitter = RepositoryClient(c, rng=lambda: 0.0)
     full = RepositoryClient(c, rng=lambda: 1.0)
-    assert [no_jitter._backoff(i, None) for i in range(5)] == [1, 2, 4, 5, 5]
-    assert [full._backoff(i, None) for i in range(3)] == [0.5, 1, 2]
-    assert no_jitter._backoff(0, 3.0) == 3.0
-    assert no_jitter._backoff(0, 300.0) == 7.0
+    assert [no_jitter.mirrors.backoff(i, None) for i in range(5)] == [1, 2, 4, 5, 5]
+    assert [full.mirrors.backoff(i, None) for i in range(3)] == [0.5, 1, 2]
+    assert no_jitter.mirrors.backoff(0, 3.0) == 3.0
+    assert no_jitter.mirrors.backoff(0, 300.0) == 7.0
     no_jitter.close()
     full.close()
 

@@ -23,7 +23,7 @@ import pytest
 from csi.image.fsverity import digest_bytes
 from csi.repo import batch as batch_mod
 from csi.repo.batch import GroupCommit, make_durable, writeback_error
-from csi.repo.tmpfiles import KEY_LOCKS_FILE, LOCKS_DIR, TempArea
+from csi.repo.tmpfiles import LOCKS_DIR, TempArea
 from csi.store import Store, StoreFull
 
 from ._storekit import blob, files_under, temp_files, writing
@@ -364,7 +364,7 @@ def test_key_locks_exclude_threads_not_other_keys(tmp_path: Path) -> None:
     order: list[str] = []
     entered = threading.Event()
     with locks.hold(a):
-        assert not _probe(locks.path, locks.offset(a))
+        assert not _probe(locks.path_for(a), locks.offset(a))
         with locks.hold(b):  # another key does not wait
             pass
 
@@ -379,10 +379,10 @@ def test_key_locks_exclude_threads_not_other_keys(tmp_path: Path) -> None:
         order.append("first")
     t.join()
     assert order == ["first", "other"]
-    assert _probe(locks.path, locks.offset(a))
+    assert _probe(locks.path_for(a), locks.offset(a))
     # the lock file is permanent: the cleaner of dead writers' files leaves it alone
     assert area.clean() == 0
-    assert (tmp_path / ".tmp" / LOCKS_DIR / KEY_LOCKS_FILE).exists()
+    assert locks.path_for(a).exists() and locks.path_for(a).parent.name == LOCKS_DIR
     locks.close()
 
 
@@ -413,11 +413,28 @@ def test_key_lock_of_a_killed_process_is_released(tmp_path: Path) -> None:
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "held"
-        assert not _probe(area.key_locks.path, area.key_locks.offset(key))
+        assert not _probe(area.key_locks.path_for(key), area.key_locks.offset(key))
         assert area.clean() == 0  # a live process's lock file is kept
     finally:
         proc.kill()
         proc.wait()
-    assert _probe(area.key_locks.path, area.key_locks.offset(key))
+    assert _probe(area.key_locks.path_for(key), area.key_locks.offset(key))
     with area.key_locks.hold(key):
         pass
+
+
+def test_key_locks_are_spread_over_files_the_cleaner_keeps(tmp_path: Path) -> None:
+    area = TempArea(tmp_path / ".tmp")
+    keys = [digest_bytes(bytes([i])) for i in range(64)]
+    fds, got = area.key_locks.try_hold_many(keys)
+    try:
+        assert got == keys
+        files = {area.key_locks.path_for(k) for k in keys}
+        assert len(files) > 1 and all(p.exists() for p in files)
+        for k in keys:  # held, each in its own file
+            assert not _probe(area.key_locks.path_for(k), area.key_locks.offset(k))
+        assert area.clean() == 0 and all(p.exists() for p in files)
+    finally:
+        area.key_locks.release_many(fds)
+    assert all(_probe(area.key_locks.path_for(k), area.key_locks.offset(k)) for k in keys)
+    area.key_locks.close()

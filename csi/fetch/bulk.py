@@ -5,7 +5,8 @@ Python. In one process the fetching threads queue on the GIL, and so does the st
 leader, after each of its system calls: on 2 CPUs a 1 GiB / 10k-object image took 11 s that
 way. For an eager fetch of many objects the client therefore hands them, a few at a time, to
 worker processes. A worker downloads each object exactly as an in-process download does (the
-same mirrors, retries, limits and checks: :meth:`RepositoryClient._download`), into a temp file
+same mirrors, retries, limits and checks: :meth:`csi.fetch.download.Downloader.download`), into
+a temp file
 of the store named after the parent process (so the store's cleaner leaves it alone while the
 parent lives, and removes it once the parent is gone), and returns what it wrote. The parent
 then has the store adopt the files: one filesystem sync per group, then their names and their
@@ -19,6 +20,7 @@ where a full store triggers garbage collection.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import multiprocessing
 import os
@@ -30,7 +32,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 from prometheus_client import Counter
 
@@ -41,12 +43,12 @@ from csi.store import DigestMismatch, ObjectWriter, StoreFull
 from . import errors
 from . import metrics as m
 from .config import RepositoryConfig
-from .errors import SourceError
+from .download import Downloader, object_relpath
+from .errors import SourceCorrupt, SourceError
 from .http import HttpSource, Request
-from .sources import Response
-
-if TYPE_CHECKING:
-    from .client import RepositoryClient
+from .mirrors import Mirrors
+from .packs import RangeEntry, RangeJob, RangeSplitter, decode
+from .source import Response, Source
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,7 @@ _CARRIED: dict[str, Counter] = {
     "objects": m.OBJECTS,
     "retries": m.RETRIES,
     "digest_mismatches": m.DIGEST_MISMATCHES,
+    "pack_ranges": m.PACK_RANGES,
 }
 
 CounterDelta = list[tuple[str, dict[str, str], float]]
@@ -176,8 +179,12 @@ class _TempSink:
 
 # -- worker process -----------------------------------------------------------------------------
 
-_client: object = None  # the worker's RepositoryClient (one per process; set by _init)
+_client: Downloader | None = None  # the worker's downloader (one per process; set by _init)
 _parallel = 1  # requests a worker runs at once (set by _init)
+#: Small objects: a worker keeps up to this many bytes of them asked for at once (and at most
+#: SMALL_PARALLEL_MAX times ``_parallel`` requests), so that round trips do not set the pace.
+SMALL_BYTES_IN_FLIGHT = 1 << 20
+SMALL_PARALLEL_MAX = 4
 
 
 def _init(
@@ -188,15 +195,13 @@ def _init(
     parallel: int = 1,
 ) -> None:
     global _client, _parallel
-    from .client import RepositoryClient
-
     _parallel = max(1, parallel)
     # Log as the parent does (level and line format; to the stderr we share with it).
     if log_format is not None:
         logging.basicConfig(level=log_level, format=log_format)
     else:
         logging.basicConfig(level=log_level)
-    _client = RepositoryClient(config)
+    _client = Downloader(Mirrors(config))
     _exit_with(parent)
 
 
@@ -237,28 +242,36 @@ def _counters() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return out
 
 
-def _fetch_chunk(tmpdir: str, tag: str, items: list[tuple[bytes, int | None]]) -> ChunkResult:
+def _fetch_chunk(
+    tmpdir: str,
+    tag: str,
+    items: list[tuple[bytes, int | None]],
+    ranges: list[RangeJob] | None = None,
+) -> ChunkResult:
     """Worker: fetch ``items`` (digest, size) into temp files under ``tmpdir``.
 
     From an HTTP(S) repository the first attempt at each object is one of up to ``_parallel``
     requests run together (:meth:`HttpSource.get_many`): one sleep and wake-up for several
     objects rather than one per object. An object whose first attempt fails goes on, after
-    the others, through :meth:`RepositoryClient._download` with that failure counted as its
+    the others, through :meth:`Downloader.download` with that failure counted as its
     first attempt: the same mirrors, retries, limits, checks and metrics as in-process.
-    """
-    from .client import RepositoryClient
 
-    client = _client
-    assert isinstance(client, RepositoryClient), "bulk worker used before _init"
+    With ``ranges`` the items come out of pack files instead (:func:`_from_ranges`); an item
+    that does not goes on the same way.
+    """
+    downloader = _client
+    assert downloader is not None, "bulk worker used before _init"
     before = _counters()
     results: dict[bytes, Written | Failed] = {}
-    src = client.sources[0]
-    if isinstance(src, HttpSource) and len(items) > 1 and _parallel > 1:
-        again = _first_attempts(client, src, tmpdir, tag, items, results)
+    src = downloader.mirrors.sources[0]
+    if ranges:
+        again = _from_ranges(downloader, src, tmpdir, tag, items, ranges, results)
+    elif isinstance(src, HttpSource) and len(items) > 1 and _parallel > 1:
+        again = _first_attempts(downloader, src, tmpdir, tag, items, results)
     else:
         again = [(d, size, None, 0) for d, size in items]
     for digest, size, prior, got in again:
-        results[digest] = _fetch_one(client, tmpdir, tag, digest, size, prior, got)
+        results[digest] = _fetch_one(downloader, tmpdir, tag, digest, size, prior, got)
     after = _counters()
     delta: CounterDelta = [
         (key, dict(labels), v - before.get((key, labels), 0.0))
@@ -272,7 +285,7 @@ _Again = tuple[bytes, int | None, SourceError | None, int]
 
 
 def _first_attempts(
-    client: RepositoryClient,
+    downloader: Downloader,
     src: HttpSource,
     tmpdir: str,
     tag: str,
@@ -287,11 +300,10 @@ def _first_attempts(
     def begin(item: tuple[bytes, int | None]) -> Request:
         digest, size = item
         obj = started[digest] = _TempObject(tmpdir, tag, digest)
-        h = digest.hex()
-        return Request(f"objects/{h[:2]}/{h[2:]}", obj.write, size)
+        return Request(object_relpath(digest), obj.write, size)
 
     try:
-        for (digest, size), outcome in src.get_many(items, begin, parallel=_parallel):
+        for (digest, size), outcome in src.get_many(items, begin, parallel=in_flight(items)):
             subject = f"object {digest.hex()}"
             obj = started.pop(digest, None)
             if obj is None:  # begin() failed: no temp file; the outcome is its error
@@ -303,24 +315,129 @@ def _first_attempts(
                     n = obj.keep()
                 except DigestMismatch as e:
                     obj.discard()
-                    again.append((digest, size, client._attempt_failed(e, obj.got), obj.got))
+                    again.append((digest, size, downloader.attempt_failed(e, obj.got), obj.got))
                     continue
                 except Exception as e:
                     obj.discard()
                     results[digest] = _no_space(digest, subject, e)
                     continue
-                client._attempt_ok(obj.got, stored=True)
+                downloader.attempt_ok(obj.got, stored=True)
                 results[digest] = Written(digest, obj.path, n, obj.got)
                 continue
             obj.discard()
             if isinstance(outcome, SourceError):
-                again.append((digest, size, client._attempt_failed(outcome, obj.got), obj.got))
+                again.append((digest, size, downloader.attempt_failed(outcome, obj.got), obj.got))
             else:
                 results[digest] = _no_space(digest, subject, outcome)
     finally:
         for obj in started.values():  # started, not ended (an unexpected error above)
             obj.discard()
     return again
+
+
+def _from_ranges(
+    downloader: Downloader,
+    src: Source,
+    tmpdir: str,
+    tag: str,
+    items: list[tuple[bytes, int | None]],
+    ranges: list[RangeJob],
+    results: dict[bytes, Written | Failed],
+) -> list[_Again]:
+    """Items out of pack ranges (:mod:`csi.fetch.packs`): the ranges' first attempts run
+    together over HTTP; a range that fails goes on through the retry loop (every mirror),
+    asking only for the entries still missing. Each entry is decoded, written and checked
+    against its digest; what is not fetched so (its range failed for good, it did not decode
+    or verify, no range holds it) is returned to be fetched from ``objects/``. Only ``items``
+    are written (the objects the parent claimed); other entries' bytes are read past."""
+    wanted = dict(items)
+    again: dict[bytes, _Again] = {}
+
+    def deliver(e: RangeEntry, data: bytes, skipped: int) -> None:
+        got = skipped + e.length  # a gap's bytes count with the entry after it
+        if e.digest not in wanted or e.digest in results or e.digest in again:
+            downloader.attempt_ok(got, stored=False)  # read past: not this chunk's
+            return
+        subject = f"object {e.digest.hex()}"
+        try:
+            body = decode(e, data)
+        except ValueError as err:
+            again[e.digest] = (
+                e.digest,
+                e.size,
+                downloader.attempt_failed(SourceCorrupt(f"from a pack: {err}"), got),
+                got,
+            )
+            return
+        try:
+            obj = _TempObject(tmpdir, tag, e.digest)
+        except OSError as err:
+            results[e.digest] = _no_space(e.digest, subject, err)
+            return
+        try:
+            obj.write(body)
+            n = obj.keep()
+        except DigestMismatch as err:
+            obj.discard()
+            again[e.digest] = (e.digest, e.size, downloader.attempt_failed(err, got), got)
+            return
+        except Exception as err:
+            obj.discard()
+            results[e.digest] = _no_space(e.digest, subject, err)
+            return
+        downloader.attempt_ok(got, stored=True)
+        results[e.digest] = Written(e.digest, obj.path, n, got)
+
+    def rest_of(job: RangeJob, source: Source) -> None:
+        """One attempt at the entries of ``job`` not settled yet."""
+        left = [e for e in job.entries if e.digest not in results and e.digest not in again]
+        if not left:
+            return
+        start = left[0].offset
+        end = left[-1].offset + left[-1].length
+        splitter = RangeSplitter(tuple(e._replace(offset=e.offset - start) for e in left), deliver)
+        source.get(job.relpath, splitter.feed, span=(job.offset + start, end - start))
+
+    failed: list[tuple[RangeJob, SourceError | None]] = []
+    if isinstance(src, HttpSource) and len(ranges) > 1 and _parallel > 1:
+
+        def begin(job: RangeJob) -> Request:
+            splitter = RangeSplitter(job.entries, deliver)
+            return Request(job.relpath, splitter.feed, span=(job.offset, job.length))
+
+        for job, outcome in src.get_many(ranges, begin, parallel=_parallel):
+            if isinstance(outcome, SourceError):
+                failed.append((job, downloader.attempt_failed(outcome, 0)))
+            elif not isinstance(outcome, Response):
+                raise outcome
+            else:
+                m.PACK_RANGES.labels(downloader.name, "ok").inc()
+    else:
+        failed = [(job, None) for job in ranges]
+    for job, prior in failed:
+        subject = f"{job.relpath} bytes {job.offset}-{job.offset + job.length - 1}"
+        try:
+            downloader.mirrors.attempts(subject, functools.partial(rest_of, job), prior)
+        except errors.FetchError:  # what it held comes from objects/ (below)
+            m.PACK_RANGES.labels(downloader.name, "error").inc()
+        else:
+            m.PACK_RANGES.labels(downloader.name, "ok").inc()
+    out = list(again.values())
+    out.extend((d, size, None, 0) for d, size in items if d not in results and d not in again)
+    return out
+
+
+def in_flight(items: list[tuple[bytes, int | None]]) -> int:
+    """Requests to run at once for ``items``: ``_parallel``, or more for small objects, as
+    many as keep :data:`SMALL_BYTES_IN_FLIGHT` asked for (at most ``SMALL_PARALLEL_MAX``
+    times ``_parallel``): over a long round trip one request per object is otherwise paced by
+    the round trip, not by the bandwidth."""
+    known = [size for _, size in items if size is not None]
+    if not known:
+        return _parallel
+    mean = max(1, sum(known) // len(known))
+    want = -(-SMALL_BYTES_IN_FLIGHT // mean)
+    return max(_parallel, min(SMALL_PARALLEL_MAX * _parallel, want))
 
 
 def _no_space(digest: bytes, subject: str, e: Exception) -> Failed:
@@ -334,7 +451,7 @@ def _no_space(digest: bytes, subject: str, e: Exception) -> Failed:
 
 
 def _fetch_one(
-    client: RepositoryClient,
+    downloader: Downloader,
     tmpdir: str,
     tag: str,
     digest: bytes,
@@ -342,17 +459,17 @@ def _fetch_one(
     prior: SourceError | None,
     received: int,
 ) -> Written | Failed:
-    """One object through the client's download loop (after ``prior``, if any)."""
+    """One object through the download loop (after ``prior``, if any)."""
     h = digest.hex()
     sink = _TempSink(tmpdir, tag)
     subject = f"object {h}"
     try:
-        _stored, got = client._download(
+        _stored, got = downloader.download(
             sink,
             digest,
             kind="object",
             subject=subject,
-            relpath=f"objects/{h[:2]}/{h[2:]}",
+            relpath=object_relpath(digest),
             size=size,
             progress=None,
             prior=prior,
@@ -397,9 +514,9 @@ class BulkPool:
             if self._pool is None:
                 ctx = multiprocessing.get_context("forkserver")
                 # Workers fork from a server that has imported this module (and with it pycurl,
-                # the store and the client) once, instead of each importing them (if the server
+                # the store and the downloader) once, instead of each importing them (if the server
                 # runs already, started by someone else, this is a no-op).
-                ctx.set_forkserver_preload([__name__, "csi.fetch.client"])
+                ctx.set_forkserver_preload([__name__])
                 self._pool = ProcessPoolExecutor(
                     self.processes,
                     mp_context=ctx,
@@ -426,17 +543,24 @@ class BulkPool:
         except Exception as e:  # shut down meanwhile, or cannot start: fetch() will tell
             log.debug("starting fetch worker processes ahead of use: %s", e)
 
-    def fetch(self, tmpdir: Path, owner: str, items: list[tuple[bytes, int | None]]) -> ChunkResult:
+    def fetch(
+        self,
+        tmpdir: Path,
+        owner: str,
+        items: list[tuple[bytes, int | None]],
+        ranges: list[RangeJob] | None = None,
+    ) -> ChunkResult:
         """Fetch ``items`` in a worker (blocks until done); apply its counters here. The
         worker's temp files in ``tmpdir`` are marked with ``owner``, this process's owner id
         in that temp area (:meth:`csi.repo.tmpfiles.TempArea.owner`): in use while it lives.
 
         A worker that dies (killed, out of memory) breaks its pool: this call raises, and
-        the next one starts new workers.
+        the next one starts new workers. ``ranges``: take the items out of these pack
+        ranges (:mod:`csi.fetch.packs`) where they can.
         """
         pool = self._executor()
         try:
-            results, delta = pool.submit(_fetch_chunk, str(tmpdir), owner, items).result()
+            results, delta = pool.submit(_fetch_chunk, str(tmpdir), owner, items, ranges).result()
         except BrokenProcessPool:
             with self._lock:
                 if self._pool is pool:

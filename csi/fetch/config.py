@@ -86,6 +86,8 @@ class RetryPolicy:
 
 #: Default of :attr:`RepositoryConfig.max_image_size`.
 DEFAULT_MAX_IMAGE_SIZE = 256 << 20
+#: Default of :attr:`RepositoryConfig.offline_max_staleness`: a week.
+DEFAULT_OFFLINE_MAX_STALENESS = 7 * 24 * 3600.0
 
 #: Repository names (pods choose one by name: volumeAttributes.repository): Kubernetes-style.
 REPOSITORY_NAME_MAX = 63
@@ -119,6 +121,13 @@ class RepositoryConfig:
     #: entries, 31 MB), so the default fits trees of about a million entries, and bounds what
     #: a broken or hostile server can make the node hold in memory (about twice this).
     max_image_size: int = DEFAULT_MAX_IMAGE_SIZE
+    #: When every mirror is unreachable, a ref this node resolved before resolves to what it
+    #: was then (like ``imagePullPolicy: IfNotPresent``), with a warning and a metric; False:
+    #: such a ref fails instead ("always current").
+    offline_refs: bool = True
+    #: ... but only if a mirror confirmed that resolution at most this many seconds ago
+    #: (None: however old).
+    offline_max_staleness: float | None = DEFAULT_OFFLINE_MAX_STALENESS
 
     def __post_init__(self) -> None:
         if isinstance(self.urls, str):
@@ -143,6 +152,8 @@ class RepositoryConfig:
             raise ConfigError("processes must not be negative", repository=self.name)
         if self.retries.max_attempts < 1:
             raise ConfigError("retries.max_attempts must be at least 1", repository=self.name)
+        if self.offline_max_staleness is not None and self.offline_max_staleness < 0:
+            raise ConfigError("offline_max_staleness must not be negative", repository=self.name)
         if (self.client_key is not None) and self.client_cert is None:
             raise ConfigError("client_key given without client_cert", repository=self.name)
 
@@ -176,7 +187,8 @@ class RepositoryConfig:
         Keys: name, urls (list or string), auth {type: bearer, token_file} or
         {type: basic, username, password_file}, ca_bundle, client_cert, client_key,
         allow_plain_http, timeouts {connect, read, total}, retries {max_attempts, base_backoff,
-        max_backoff, jitter, max_retry_after}, concurrency, processes, max_image_size.
+        max_backoff, jitter, max_retry_after}, concurrency, processes, max_image_size,
+        offline_refs, offline_max_staleness (seconds, or null: no limit).
         """
         d = dict(data)
         name = str(d.pop("name", ""))
@@ -201,7 +213,14 @@ class RepositoryConfig:
             kwargs["timeouts"] = Timeouts(**d.pop("timeouts"))
         if "retries" in d:
             kwargs["retries"] = RetryPolicy(**d.pop("retries"))
-        for key in ("allow_plain_http", "concurrency", "processes", "max_image_size"):
+        for key in (
+            "allow_plain_http",
+            "concurrency",
+            "processes",
+            "max_image_size",
+            "offline_refs",
+            "offline_max_staleness",
+        ):
             if key in d:
                 kwargs[key] = d.pop(key)
         if d:

@@ -34,7 +34,7 @@ from .errors import (
     SourceTransient,
 )
 from .quoting import quote
-from .sources import SYMLINK_CONTENT_TYPE, SYMLINK_MAX, OnData, Response, Source
+from .source import SYMLINK_CONTENT_TYPE, SYMLINK_MAX, OnData, Response, Source, Validators
 
 #: CA bundles tried when none is configured (libcurl in the pycurl wheel looks elsewhere).
 SYSTEM_CA_BUNDLES = (
@@ -72,16 +72,20 @@ class _Transfer:
     __slots__ = (
         "abort",
         "chunks",
+        "conditional",
         "content_type",
+        "etag",
         "hold",
         "idle_limit",
         "last_data",
+        "last_modified",
         "last_now",
         "max_size",
         "on_data",
         "pending",
         "sink_failed",
         "size",
+        "span",
     )
 
     def __init__(
@@ -99,15 +103,23 @@ class _Transfer:
         self.pending = 0
         self.sink_failed = False
         self.content_type: str | None = None
+        self.span: tuple[int, int] | None = None
+        self.conditional = False
+        self.etag: str | None = None
+        self.last_modified: str | None = None
 
     def header(self, line: bytes) -> None:
         """Header callback of ``accept_symlink`` requests: the last response's content type
         (a redirect's headers come first and are forgotten at the next status line)."""
         if line[:5] == b"HTTP/":
-            self.content_type = None
+            self.content_type = self.etag = self.last_modified = None
         elif line[:13].lower() == b"content-type:":
             value = line[13:].decode("latin-1").split(";")[0].strip().lower()
             self.content_type = value[:100]
+        elif line[:5].lower() == b"etag:":
+            self.etag = _validator(line[5:])
+        elif line[:14].lower() == b"last-modified:":
+            self.last_modified = _validator(line[14:])
 
     def progress(self, _dltotal: int, dlnow: int, _ultotal: int, _ulnow: int) -> int:
         """Read timeout: abort when no byte arrived for ``idle_limit`` seconds."""
@@ -183,6 +195,8 @@ class Request:
     relpath: str
     on_data: OnData
     max_size: int | None = None
+    #: (offset, length): a Range request for those bytes (``max_size`` is then ``length``).
+    span: tuple[int, int] | None = None
 
 
 class HttpSource(Source):
@@ -191,6 +205,7 @@ class HttpSource(Source):
     def __init__(self, base_url: str, config: RepositoryConfig) -> None:
         self.base = base_url if base_url.endswith("/") else base_url + "/"
         self.label = display_url(base_url)
+        self.identity = self.base
         self.config = config
         self._local = threading.local()
         self._auth_lock = threading.Lock()
@@ -260,6 +275,8 @@ class HttpSource(Source):
         accept_symlink: bool,
         max_size: int | None,
         progress: bool = True,
+        span: tuple[int, int] | None = None,
+        validators: Validators | None = None,
     ) -> _Transfer:
         """Set ``c`` up for one request; the returned transfer receives its callbacks. Without
         ``progress`` (a handle made with ``progress=False``) the caller checks the read timeout
@@ -273,6 +290,20 @@ class HttpSource(Source):
             c.setopt(pycurl.USERNAME, creds[1])
             c.setopt(pycurl.PASSWORD, creds[2])
         tr = _Transfer(on_data, accept_symlink, max_size, self.config.timeouts.read)
+        if validators:
+            # The ETag alone when there is one: If-Modified-Since compares times, and two
+            # versions may share one (a second's resolution).
+            if validators.etag:
+                header = f"If-None-Match: {validators.etag}"
+            else:
+                header = f"If-Modified-Since: {validators.last_modified}"
+            c.setopt(pycurl.HTTPHEADER, [header])
+            tr.conditional = True
+        if span is not None:
+            # Offsets into the file as it is: no content encoding.
+            c.setopt(pycurl.RANGE, f"{span[0]}-{span[0] + span[1] - 1}")
+            c.setopt(pycurl.ACCEPT_ENCODING, None)
+            tr.span = span
         c.setopt(pycurl.URL, self.base + urllib.parse.quote(relpath, safe="/:@+=-._~"))
         c.setopt(pycurl.WRITEFUNCTION, tr.write)
         if accept_symlink:
@@ -287,6 +318,10 @@ class HttpSource(Source):
         or the error to raise. What arrived of a failed transfer is passed on first (the caller
         counts it); an error of the caller's ``on_data`` wins over any other."""
         _reset(c)
+        if tr.span is not None:
+            _reset_span(c)
+        if tr.conditional:
+            c.unsetopt(pycurl.HTTPHEADER)
         if not tr.sink_failed and not tr.hold:
             try:
                 tr.flush()
@@ -298,18 +333,34 @@ class HttpSource(Source):
             raise _status_error(c)
         if code:
             raise _curl_error(code, msg)
-        if int(c.getinfo(pycurl.RESPONSE_CODE)) != 200:
+        status = int(c.getinfo(pycurl.RESPONSE_CODE))
+        if tr.span is not None:
+            # 206 for the range; a server that ignores Range answers 200 with the whole
+            # file, which is the range only when the range starts at 0 (the size limit
+            # stopped anything longer).
+            if status != 206 and not (status == 200 and tr.span[0] == 0):
+                if status == 200:
+                    raise SourceBadResponse("the server ignored the Range request")
+                raise _status_error(c)
+            if tr.size != tr.span[1]:
+                raise SourceBadResponse(f"{tr.size} bytes for a range of {tr.span[1]}")
+        elif status == 304 and tr.conditional:
+            return Response(0, not_modified=True)
+        elif status != 200:
             # A status FAILONERROR lets through (below 400, or an auth answer): whatever was
             # passed on is then rejected by the caller along with this error.
             raise _status_error(c)
+        found = Validators(tr.etag, tr.last_modified)
+        validators = found if found else None
         if not tr.hold:
-            return Response(tr.size)
+            return Response(tr.size, validators=validators)
         data = tr.body()
         if tr.content_type == SYMLINK_CONTENT_TYPE:
-            return Response(len(data), data.decode("utf-8", "replace"))  # "" is rejected later
+            # "" is rejected later
+            return Response(len(data), data.decode("utf-8", "replace"), validators=validators)
         if data:
             tr.on_data(data)
-        return Response(tr.size)
+        return Response(tr.size, validators=validators)
 
     def get(
         self,
@@ -318,9 +369,21 @@ class HttpSource(Source):
         *,
         accept_symlink: bool = False,
         max_size: int | None = None,
+        span: tuple[int, int] | None = None,
+        validators: Validators | None = None,
     ) -> Response:
         c = self._handle()
-        tr = self._begin(c, relpath, on_data, accept_symlink, max_size)
+        if span is not None:
+            max_size = span[1]
+        tr = self._begin(
+            c,
+            relpath,
+            on_data,
+            accept_symlink,
+            max_size,
+            span=span,
+            validators=validators if accept_symlink else None,
+        )
         code, msg = 0, ""
         try:
             c.perform()
@@ -329,6 +392,8 @@ class HttpSource(Source):
             msg = str(e.args[1]) if len(e.args) > 1 else ""
         except BaseException:
             _reset(c)
+            _reset_span(c)
+            c.unsetopt(pycurl.HTTPHEADER)
             raise
         return self._end(c, tr, code, msg)
 
@@ -368,7 +433,15 @@ class HttpSource(Source):
                         yield job, e
                         continue
                     c = idle.pop() if idle else self._new_handle(progress=False)
-                    tr = self._begin(c, req.relpath, req.on_data, False, req.max_size, False)
+                    tr = self._begin(
+                        c,
+                        req.relpath,
+                        req.on_data,
+                        False,
+                        req.span[1] if req.span is not None else req.max_size,
+                        False,
+                        req.span,
+                    )
                     multi.add_handle(c)
                     active[c] = (job, tr)
                 while multi.perform()[0] == pycurl.E_CALL_MULTI_PERFORM:
@@ -405,6 +478,7 @@ class HttpSource(Source):
             for c in active:
                 multi.remove_handle(c)
                 _reset(c)
+                _reset_span(c)
                 idle.append(c)
             multi.close()
             self._local.many = [*self._local.many, *idle]  # kept: connections are reused
@@ -429,12 +503,27 @@ def _reset(c: pycurl.Curl) -> None:
     c.unsetopt(pycurl.HEADERFUNCTION)
 
 
+def _reset_span(c: pycurl.Curl) -> None:
+    """Back to whole-file requests after a Range request."""
+    c.unsetopt(pycurl.RANGE)
+    c.setopt(pycurl.ACCEPT_ENCODING, "")
+
+
 def _noop_write(_data: bytes) -> int | None:
     return None
 
 
 def _noop_progress(_a: int, _b: int, _c: int, _d: int) -> int:
     return 0
+
+
+def _validator(raw: bytes) -> str | None:
+    """An ``ETag`` or ``Last-Modified`` value, kept only if short and printable (it is sent
+    back as a request header and stored)."""
+    value = raw.decode("latin-1").strip()
+    if not value or len(value) > 200 or not value.isprintable() or not value.isascii():
+        return None
+    return value
 
 
 def _system_ca() -> str | None:

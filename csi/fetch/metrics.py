@@ -42,6 +42,20 @@ RETRIES = Counter(
     ["repository", "reason"],
     registry=REGISTRY,
 )
+REF_RESOLUTIONS = Counter(
+    _P + "ref_resolutions",
+    "Ref names resolved, by how: answered (the repository sent the ref), not_modified (a "
+    "conditional request confirmed this node's last resolution: HTTP 304), offline (every "
+    "mirror unreachable: this node's last resolution used)",
+    ["repository", "result"],
+    registry=REGISTRY,
+)
+PACK_RANGES = Counter(
+    _P + "pack_ranges",
+    "Range requests to pack files, by result (ok; error: their objects then came from objects/)",
+    ["repository", "result"],
+    registry=REGISTRY,
+)
 DURATION = Histogram(
     _P + "duration_seconds",
     "Time to fetch an image and its missing objects, by result (ok or the error code)",
@@ -53,6 +67,7 @@ DURATION = Histogram(
 #: The label values the client uses (besides the repository's name).
 RESULTS = ("ok", "not_found", "corrupt", "error")
 RETRY_REASONS = ("connection", "timeout", "http_5xx", "http_429", "http_408", "corrupt")
+REF_RESULTS = ("answered", "not_modified", "offline")
 
 
 def init_repository(name: str) -> None:
@@ -64,6 +79,10 @@ def init_repository(name: str) -> None:
         OBJECTS.labels(name, result)
     for reason in RETRY_REASONS:
         RETRIES.labels(name, reason)
+    for how in REF_RESULTS:
+        REF_RESOLUTIONS.labels(name, how)
+    for result in ("ok", "error"):
+        PACK_RANGES.labels(name, result)
     DEDUP_HITS.labels(name)
     DIGEST_MISMATCHES.labels(name)
     DURATION.labels(name, "ok")
@@ -76,5 +95,7 @@ NAMES = (
     _P + "dedup_hits_total",
     _P + "digest_mismatches_total",
     _P + "retries_total",
+    _P + "ref_resolutions_total",
+    _P + "pack_ranges_total",
     _P + "duration_seconds",
 )

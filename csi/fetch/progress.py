@@ -39,11 +39,15 @@ Listener = Callable[[ProgressSnapshot], None]
 class FetchProgress:
     """Thread-safe counters of one fetch. Pass one to :func:`csi.fetch.fetch_image` and call
     :meth:`snapshot` from any thread while it runs. ``listener``, if given, is called with a
-    snapshot after every change (from worker threads; keep it cheap)."""
+    snapshot after every change (from worker threads; keep it cheap), or, with
+    ``min_interval``, after a change of phase or totals and at most that often otherwise (a
+    fetch of 100k objects makes hundreds of thousands of changes)."""
 
-    def __init__(self, listener: Listener | None = None) -> None:
+    def __init__(self, listener: Listener | None = None, *, min_interval: float = 0.0) -> None:
         self._lock = threading.Lock()
         self._listener = listener
+        self._min_interval = min_interval
+        self._told = 0.0  # when the listener was last called
         self._t0 = time.monotonic()
         self._phase = "resolving"
         self._objects_total = 0
@@ -91,10 +95,22 @@ class FetchProgress:
     # The two calls made once or more per object update their fields directly (no keyword
     # dispatch): a fetch of 10k objects makes tens of thousands of them.
 
+    def _due(self) -> bool:
+        """Whether to tell the listener about a per-object change (the lock is held)."""
+        if self._listener is None:
+            return False
+        if not self._min_interval:
+            return True
+        now = time.monotonic()
+        if now - self._told < self._min_interval:
+            return False
+        self._told = now
+        return True
+
     def downloaded(self, n: int) -> None:
         with self._lock:
             self._bytes_downloaded += n
-            snap = self._snap() if self._listener is not None else None
+            snap = self._snap() if self._due() else None
         if snap is not None and self._listener is not None:
             self._listener(snap)
 
@@ -105,6 +121,6 @@ class FetchProgress:
             else:
                 self._objects_present += 1
             self._bytes_done += size
-            snap = self._snap() if self._listener is not None else None
+            snap = self._snap() if self._due() else None
         if snap is not None and self._listener is not None:
             self._listener(snap)

@@ -47,4 +47,5 @@ def pull(
         processes=processes,
     )
     with Store(Path(store_dir)) as store, RepositoryClient(config) as client:
-        return client.fetch_image(ref, store, FetchProgress(on_progress))
+        # A progress bar needs a few updates a second, not one per object.
+        return client.fetch_image(ref, store, FetchProgress(on_progress, min_interval=0.05))

@@ -1,137 +1,14 @@
-"""One mirror of a repository: a base URL or directory that files are read from.
-
-A :class:`Source` reads one repository-relative path (``objects/XX/...``, ``images/<hex>``,
-``images/refs/<name>``) and streams the body to a callback. With ``accept_symlink`` a symlink is
-not followed: its target text comes back instead (a local symlink, or an HTTP answer with
-``Content-Type: text/x-symlink-target``). Each call is one attempt: failures raise a
-:class:`~csi.fetch.errors.SourceError` that says whether a retry makes sense.
-"""
+"""Making the :class:`~csi.fetch.source.Source` for a configured mirror URL."""
 
 from __future__ import annotations
 
-import errno
-import os
 import urllib.parse
-from abc import ABC, abstractmethod
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-from csi.repo.beneath import open_beneath, readlink_beneath
-
 from .config import RepositoryConfig, display_url
-from .errors import (
-    SourceBadResponse,
-    SourceDenied,
-    SourceError,
-    SourceInvalid,
-    SourceNotFound,
-    SourceTransient,
-)
-
-SYMLINK_CONTENT_TYPE = "text/x-symlink-target"
-#: Longest symlink target text accepted.
-SYMLINK_MAX = 4096
-CHUNK = 1 << 20
-
-OnData = Callable[[bytes], object]
-
-
-@dataclass(frozen=True, slots=True)
-class Response:
-    """What a successful :meth:`Source.get` returns: ``symlink_target`` is set (and no data was
-    passed on) when the path was a symlink and ``accept_symlink`` was asked for."""
-
-    size: int
-    symlink_target: str | None = None
-
-
-class Source(ABC):
-    """One mirror. ``label`` is safe to show (scheme, host and port, or the local path)."""
-
-    label: str
-
-    @abstractmethod
-    def get(
-        self,
-        relpath: str,
-        on_data: OnData,
-        *,
-        accept_symlink: bool = False,
-        max_size: int | None = None,
-    ) -> Response:
-        """Stream ``relpath`` to ``on_data``. Exceptions raised by ``on_data`` propagate as is."""
-
-    def close(self) -> None:  # noqa: B027 - optional hook
-        """Release connections."""
-
-
-class FileSource(Source):
-    """A repository directory on a local (or network-mounted) filesystem.
-
-    Nothing outside the directory is ever read: paths are resolved beneath it
-    (:func:`csi.repo.beneath.open_beneath`), so a symlink inside the repository that points
-    elsewhere (``images/refs/ns -> /etc``) is an error, not a way to read the node's files.
-    """
-
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
-        self.label = str(root)
-
-    def get(
-        self,
-        relpath: str,
-        on_data: OnData,
-        *,
-        accept_symlink: bool = False,
-        max_size: int | None = None,
-    ) -> Response:
-        try:
-            root_fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError as e:
-            raise _os_error(e, ".") from None
-        try:
-            if accept_symlink:
-                try:
-                    target = readlink_beneath(root_fd, relpath)
-                except OSError as e:
-                    if e.errno != errno.EINVAL:  # EINVAL: not a symlink, read it below
-                        raise
-                else:
-                    return Response(len(target), target)
-            fd = open_beneath(root_fd, relpath, os.O_RDONLY)
-        except OSError as e:
-            raise _os_error(e, relpath) from None
-        finally:
-            os.close(root_fd)
-        total = 0
-        try:
-            with os.fdopen(fd, "rb", buffering=0) as f:
-                while True:
-                    try:
-                        chunk = f.read(CHUNK)
-                    except OSError as e:
-                        raise _os_error(e, relpath) from None
-                    if not chunk:
-                        break
-                    total += len(chunk)
-                    if max_size is not None and total > max_size:
-                        raise SourceBadResponse(f"larger than the {max_size}-byte limit")
-                    on_data(chunk)
-        except IsADirectoryError:
-            raise SourceNotFound("is a directory, not a file") from None
-        return Response(total)
-
-
-def _os_error(e: OSError, relpath: str) -> SourceError:
-    what = e.strerror or e.__class__.__name__
-    if e.errno in (errno.EXDEV, errno.ELOOP):
-        return SourceInvalid("refused: a symlink on the way leads outside the repository directory")
-    if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR):
-        return SourceNotFound(f"not found ({what})")
-    if e.errno in (errno.EACCES, errno.EPERM):
-        return SourceDenied(f"permission denied ({what})")
-    return SourceTransient(f"read error ({what})")
+from .files import FileSource
+from .http import HttpSource
+from .source import SYMLINK_CONTENT_TYPE, OnData, Response, Source
 
 
 def make_source(url: str, config: RepositoryConfig) -> Source:
@@ -141,14 +18,14 @@ def make_source(url: str, config: RepositoryConfig) -> Source:
     parts = urllib.parse.urlsplit(url)
     if parts.scheme == "file":
         return FileSource(Path(urllib.parse.unquote(parts.path)))
-    from .http import HttpSource
-
     return HttpSource(url, config)
 
 
 __all__ = [
     "SYMLINK_CONTENT_TYPE",
     "FileSource",
+    "HttpSource",
+    "OnData",
     "Response",
     "Source",
     "display_url",

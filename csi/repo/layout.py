@@ -36,6 +36,8 @@ _REST_HEX_RE = re.compile(r"[0-9a-f]{62}")
 
 def check_digest(digest: bytes) -> bytes:
     """Return ``digest`` if it is 32 bytes, else raise :class:`InvalidDigest`."""
+    if type(digest) is bytes and len(digest) == DIGEST_SIZE:
+        return digest  # the common case, asked several times per object: no copy
     if not isinstance(digest, bytes | bytearray) or len(digest) != DIGEST_SIZE:
         raise InvalidDigest(f"a digest must be {DIGEST_SIZE} bytes, got {digest!r:.80}")
     return bytes(digest)

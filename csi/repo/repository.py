@@ -14,6 +14,7 @@ import fcntl
 import json
 import os
 import stat
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -267,10 +268,27 @@ class Repository:
         return t.publish(self.object_path(digest))
 
     def add_image(self, data: bytes) -> bytes:
-        """Store an image as an object and link ``images/<hex>`` to it. Returns its digest."""
-        digest, _ = self.add_object_bytes(data)
+        """Store an image as an object and link ``images/<hex>`` to it. Returns its digest.
+
+        A new image file gets a modification time of its own, a second past every other
+        image's: a static server that derives a ref's ``ETag`` from the file it links to
+        (nginx: mtime and size) then gives two images different ones even when they have the
+        same size and were built within the same second, so that a client's conditional
+        request for a ref that moved between them is never answered 304.
+        """
+        newest = max((self._mtime(d) for d in self.iter_images()), default=0)
+        digest, added = self.add_object_bytes(data)
+        if added:
+            t = max(int(time.time()), newest + 1)
+            os.utime(self.object_path(digest), (t, t))
         self.link_image(digest)
         return digest
+
+    def _mtime(self, image: bytes) -> int:
+        try:
+            return int(os.stat(self.image_path(image)).st_mtime)
+        except OSError:
+            return 0
 
     def link_image(self, digest: bytes) -> None:
         """Create (or repair) ``images/<hex> -> ../objects/XX/<rest>``."""

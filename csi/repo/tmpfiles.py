@@ -10,8 +10,9 @@ then checks the file still has a link; the cleaner removes a file only while hol
 lock. A writer that loses the race sees ``st_nlink == 0`` and starts over.
 
 Cross-process mutual exclusion per key (one writer per digest) uses :class:`KeyLocks`: OFD
-byte-range locks on one fixed file, ``locks/keys.lock``, at an offset derived from the key.
-Nothing is created or removed per key, and the kernel drops the locks of a dead process.
+byte-range locks on a few fixed files, ``locks/keys.lock`` and ``locks/keys-<n>.lock``, at an
+offset derived from the key. Nothing is created or removed per key, and the kernel drops the
+locks of a dead process.
 
 Whose is what (:meth:`TempArea.owner`): each process that uses the area names itself with a
 random *owner id* and holds ``owners/<id>.owner`` ``flock``'d for its life. Anything marked
@@ -46,8 +47,11 @@ WORKER_TEMP_SUFFIX = ".worker.tmp"
 _OWNER_ID = re.compile(r"[0-9a-f]{32}")
 #: Seconds a pid-named temp file of an older version is taken as in use while that pid exists.
 LEGACY_MARK_MAX_AGE = 86400.0
-#: The file holding every :class:`KeyLocks` range lock (inside ``LOCKS_DIR``; never cleaned).
+#: The files holding the :class:`KeyLocks` range locks (inside ``LOCKS_DIR``; never cleaned):
+#: this one, and ``keys-<n>.lock`` for n from 1 to KEY_LOCK_SHARDS - 1.
 KEY_LOCKS_FILE = "keys.lock"
+KEY_LOCK_SHARDS = 16
+_KEY_LOCK_NAME = re.compile(r"keys(-[0-9]+)?\.lock")
 
 # struct flock (Linux, 64-bit off_t): l_type, l_whence, l_start, l_len, l_pid, padding.
 _FLOCK = "@hhqqi4x"
@@ -125,35 +129,49 @@ class TempFile:
 class KeyLocks:
     """Exclusive locks named by a byte string, across threads and processes.
 
-    Each lock is an OFD (open file description) write lock on one byte of ``path``, at an
-    offset taken from the key's first 62 bits (keys are digests: distinct keys practically
-    never share an offset, and if they did they would only wait for each other). Every
-    holder locks through a descriptor of its own (pooled), so threads of one process
-    exclude each other too. A dead process's locks vanish with it.
+    Each lock is an OFD (open file description) write lock on one byte of one of
+    :data:`KEY_LOCK_SHARDS` files (``path``, then ``keys-<n>.lock`` beside it; the key's first
+    byte picks the file), at an offset taken from the key's first 62 bits (keys are digests:
+    distinct keys practically never share an offset, and if they did they would only wait for
+    each other). Spreading them over several files keeps each file's list of locks short: the
+    kernel walks the whole list to take one more, and a bulk fetch holds thousands. Every
+    holder locks through a descriptor of its own (pooled), so threads of one process exclude
+    each other too. A dead process's locks vanish with it.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, shards: int = KEY_LOCK_SHARDS) -> None:
         self.path = path
+        self._paths = [path] + [
+            path.with_name(f"{path.stem}-{n}{path.suffix}") for n in range(1, shards)
+        ]
         self._mu = threading.Lock()
-        self._free: list[int] = []
+        self._free: list[list[int]] = [[] for _ in self._paths]
         self._pid = os.getpid()
 
-    def _take_fd(self) -> int:
+    def path_for(self, key: bytes) -> Path:
+        """The file holding the lock of ``key``."""
+        return self._paths[self._shard(key)]
+
+    def _shard(self, key: bytes) -> int:
+        return key[0] % len(self._paths) if key else 0
+
+    def _take_fd(self, shard: int) -> int:
         with self._mu:
             if self._pid != os.getpid():  # forked: the inherited descriptors share our locks
-                self._free, self._pid = [], os.getpid()
-            if self._free:
-                return self._free.pop()
+                self._free, self._pid = [[] for _ in self._paths], os.getpid()
+            if self._free[shard]:
+                return self._free[shard].pop()
+        path = self._paths[shard]
         try:
-            return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except FileNotFoundError:
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
-    def _give_fd(self, fd: int) -> None:
+    def _give_fd(self, shard: int, fd: int) -> None:
         with self._mu:
             if self._pid == os.getpid():
-                self._free.append(fd)
+                self._free[shard].append(fd)
                 return
         os.close(fd)
 
@@ -165,7 +183,8 @@ class KeyLocks:
     def hold(self, key: bytes) -> Iterator[None]:
         """Hold the lock named ``key`` while the block runs (blocks until acquired)."""
         off = self.offset(key)
-        fd = self._take_fd()
+        shard = self._shard(key)
+        fd = self._take_fd(shard)
         try:
             fcntl.fcntl(fd, fcntl.F_OFD_SETLKW, struct.pack(_FLOCK, fcntl.F_WRLCK, 0, off, 1, 0))
         except BaseException:
@@ -179,21 +198,24 @@ class KeyLocks:
             except OSError:
                 os.close(fd)  # closing the last descriptor of the OFD drops its locks
             else:
-                self._give_fd(fd)
+                self._give_fd(shard, fd)
 
-    def try_hold_many(self, keys: Iterable[bytes]) -> tuple[int, list[bytes]]:
+    def try_hold_many(self, keys: Iterable[bytes]) -> tuple[list[int], list[bytes]]:
         """Take, without waiting, the locks of ``keys`` that nobody else holds.
 
-        Returns a descriptor of its own and the keys locked through it; closing the
-        descriptor (:meth:`release_many`) releases them all at once. (Threads of this process
-        are not excluded by these: the caller does that.)
+        Returns descriptors of its own (one per file used) and the keys locked through them;
+        closing them (:meth:`release_many`) releases them all at once. (Threads of this
+        process are not excluded by these: the caller does that.)
         """
-        fd = self._take_fd()
+        fds: dict[int, int] = {}
         got: list[bytes] = []
         try:
             for key in keys:
-                off = self.offset(key)
-                lk = struct.pack(_FLOCK, fcntl.F_WRLCK, 0, off, 1, 0)
+                shard = self._shard(key)
+                fd = fds.get(shard)
+                if fd is None:
+                    fd = fds[shard] = self._take_fd(shard)
+                lk = struct.pack(_FLOCK, fcntl.F_WRLCK, 0, self.offset(key), 1, 0)
                 try:
                     fcntl.fcntl(fd, fcntl.F_OFD_SETLK, lk)
                 except OSError as e:
@@ -202,20 +224,21 @@ class KeyLocks:
                     continue
                 got.append(key)
         except BaseException:
-            os.close(fd)
+            self.release_many(list(fds.values()))
             raise
-        return fd, got
+        return list(fds.values()), got
 
     @staticmethod
-    def release_many(fd: int) -> None:
-        """Release every lock taken through ``fd`` by :meth:`try_hold_many`."""
-        os.close(fd)  # the last descriptor of the OFD: its locks go with it
+    def release_many(fds: list[int]) -> None:
+        """Release every lock taken through ``fds`` by :meth:`try_hold_many`."""
+        for fd in fds:
+            os.close(fd)  # the last descriptor of the OFD: its locks go with it
 
     def close(self) -> None:
         """Close the pooled descriptors (locks in use stay held until released)."""
         with self._mu:
-            free, self._free = self._free, []
-        for fd in free:
+            free, self._free = self._free, [[] for _ in self._paths]
+        for fd in (fd for shard in free for fd in shard):
             os.close(fd)
 
 
@@ -431,8 +454,8 @@ class TempArea:
             for e in entries:
                 if e.is_dir(follow_symlinks=False):
                     continue
-                if e.name == KEY_LOCKS_FILE and d != self.path:
-                    continue  # permanent; its range locks are held by live processes
+                if d != self.path and _KEY_LOCK_NAME.fullmatch(e.name):
+                    continue  # permanent; their range locks are held by live processes
                 if e.is_symlink():
                     removed += self._clean_symlink(Path(e.path))
                 else:

@@ -167,7 +167,9 @@ class RepositoryFetcher:
             self._clients.clear()
 
     def resolve(self, repository: str, ref: str) -> bytes:
-        return self.client(repository).resolve(ref)
+        # With the store: conditional requests, the last resolution when the repository is
+        # unreachable (within its limits), and an image served as the ref's answer kept.
+        return self.client(repository).resolve(ref, self._store)
 
     def fetch(self, repository: str, image: bytes, *, lazy: bool, progress: FetchProgress) -> None:
         # Lazy: the image only; the data plane fetches objects on first read.

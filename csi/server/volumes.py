@@ -27,7 +27,6 @@ from pathlib import Path
 
 import grpc
 
-from csi.fetch.errors import Unreachable
 from csi.fetch.refs import parse_digest
 from csi.store import Store
 
@@ -148,19 +147,9 @@ class VolumeManager:
         digest = parse_digest(ref)
         if digest is not None:
             return digest
-        try:
-            return self.fetcher.resolve(repository, ref)
-        except Unreachable:
-            cached = self.store.get_ref(repository, ref)
-            if cached is None:
-                raise
-            log.warning(
-                "repository %r unreachable: using the last known digest %s of ref %r",
-                repository,
-                cached.hex(),
-                ref,
-            )
-            return cached
+        # An unreachable repository: the fetcher answers with this node's last resolution,
+        # within the repository's limits (csi.fetch.noderefs).
+        return self.fetcher.resolve(repository, ref)
 
     def spec_for(self, volume_id: str, context: Mapping[str, str]) -> PinnedSpec:
         """What ``volume_id`` serves: from the id itself (provisioned volumes) or from the

@@ -3,7 +3,7 @@
 from .admin import fsck_store, gc_store
 from .errors import DigestMismatch, ImageRejected, StoreError, StoreFull
 from .reports import FsckReport, GcReport, RecoveryReport, StoreUsage
-from .store import Fill, ImageParser, Kind, Store, default_image_parser, is_no_space
+from .store import Fill, ImageParser, Kind, RefRecord, Store, default_image_parser, is_no_space
 from .writer import ObjectWriter
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "Kind",
     "ObjectWriter",
     "RecoveryReport",
+    "RefRecord",
     "Store",
     "StoreError",
     "StoreFull",

@@ -39,6 +39,7 @@ CREATE TABLE IF NOT EXISTS pin_owners(
     token TEXT PRIMARY KEY, owner TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS refs(
     repository TEXT NOT NULL, name TEXT NOT NULL, digest BLOB NOT NULL, updated REAL NOT NULL,
+    etag TEXT, last_modified TEXT, source TEXT, checked REAL,
     PRIMARY KEY(repository, name)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS totals(
     id INTEGER PRIMARY KEY CHECK (id = 0), bytes INTEGER NOT NULL, files INTEGER NOT NULL);
@@ -50,6 +51,14 @@ CREATE TRIGGER IF NOT EXISTS objects_del AFTER DELETE ON objects BEGIN
 CREATE TRIGGER IF NOT EXISTS objects_upd AFTER UPDATE OF size ON objects BEGIN
     UPDATE totals SET bytes = bytes - OLD.size + NEW.size WHERE id = 0; END;
 """
+
+
+_REF_COLUMNS = (
+    ("etag", "TEXT"),
+    ("last_modified", "TEXT"),
+    ("source", "TEXT"),
+    ("checked", "REAL"),
+)
 
 
 class StateDB:
@@ -64,6 +73,11 @@ class StateDB:
                 for stmt in _SCHEMA.split(";\n"):
                     if stmt.strip():
                         cur.execute(stmt)
+                # Stores made before refs kept their HTTP validators (issue 14).
+                have = {row[1] for row in cur.execute("PRAGMA table_info(refs)")}
+                for column, kind in _REF_COLUMNS:
+                    if column not in have:
+                        cur.execute(f"ALTER TABLE refs ADD COLUMN {column} {kind}")
                 cur.execute(
                     "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
                     (str(SCHEMA_VERSION),),

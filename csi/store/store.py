@@ -31,6 +31,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -113,6 +114,19 @@ def is_no_space(e: BaseException) -> bool:
     if isinstance(e, OSError) and e.errno in NO_SPACE_ERRNOS:
         return True
     return isinstance(e, sqlite3.OperationalError) and "full" in str(e)
+
+
+@dataclass(frozen=True, slots=True)
+class RefRecord:
+    """A ref as the store last saw it resolved (:meth:`Store.ref_record`)."""
+
+    digest: bytes
+    #: When a repository last confirmed it (seconds since the epoch).
+    checked: float
+    etag: str | None = None
+    last_modified: str | None = None
+    #: The mirror that gave the validators (its base URL or path).
+    source: str | None = None
 
 
 class Store:
@@ -375,16 +389,15 @@ class Store:
             for d in wanted:
                 if d not in self._flights:
                     mine[d] = self._flights[d] = _Flight()
-        fd = -1
+        fds: list[int] = []
         try:
-            fd, locked = self.repo.tmp.key_locks.try_hold_many(list(mine))
+            fds, locked = self.repo.tmp.key_locks.try_hold_many(list(mine))
             # Present objects are left out here, once locked (the caller usually asks for
             # objects it has just found missing, so looking before would mostly look twice).
             held = {d for d in locked if not self.repo.has_object(d)}
             yield held
         finally:
-            if fd >= 0:
-                self.repo.tmp.key_locks.release_many(fd)
+            self.repo.tmp.key_locks.release_many(fds)
             with self._flights_mu:
                 for d in mine:
                     del self._flights[d]
@@ -419,7 +432,7 @@ class Store:
             verity = self._try_verity(lock_fd)
             todo.append((i, _Pending(digest, tmp, "object", size, verity, None)))
         errors = self._group.submit_all([p for _, p in todo])
-        added = False
+        added = added_bytes = with_verity = 0  # counted once per call, not once per object
         for (i, p), err in zip(todo, errors, strict=True):
             if err is not None:
                 p.tmp.discard()
@@ -427,12 +440,14 @@ class Store:
                 continue
             out[i] = p.published
             if p.published:
-                added = True
-                m.OBJECTS_ADDED.inc()
-                m.BYTES_ADDED.inc(p.size)
-                if p.verity:
-                    m.VERITY_ENABLED.inc()
+                added += 1
+                added_bytes += p.size
+                with_verity += p.verity
         if added:
+            m.OBJECTS_ADDED.inc(added)
+            m.BYTES_ADDED.inc(added_bytes)
+            if with_verity:
+                m.VERITY_ENABLED.inc(with_verity)
             self._after_insert()
         return out
 
@@ -564,22 +579,58 @@ class Store:
 
     # -- refs, leases, pins ----------------------------------------------------------------
 
-    def set_ref(self, repository: str, name: str, digest: bytes) -> None:
-        """Record what ``name`` resolved to in ``repository`` (a local note, not a GC root)."""
+    def set_ref(
+        self,
+        repository: str,
+        name: str,
+        digest: bytes,
+        *,
+        etag: str | None = None,
+        last_modified: str | None = None,
+        source: str | None = None,
+    ) -> None:
+        """Record what ``name`` resolved to in ``repository`` (a local note, not a GC root),
+        confirmed now; with the HTTP validators of the answer and the mirror (``source``)
+        that gave them, for a conditional request next time."""
         layout.validate_ref_name(repository)
         layout.validate_ref_name(name)
         layout.check_digest(digest)
+        now = time.time()
         with self._lock(exclusive=False), self.db.tx() as cur:
             cur.execute(
-                "INSERT OR REPLACE INTO refs VALUES (?, ?, ?, ?)",
-                (repository, name, digest, time.time()),
+                "INSERT OR REPLACE INTO refs(repository, name, digest, updated, etag, "
+                "last_modified, source, checked) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (repository, name, digest, now, etag, last_modified, source, now),
             )
+
+    def confirm_ref(self, repository: str, name: str, digest: bytes) -> bool:
+        """Note that the repository confirmed, now, that ``name`` still designates ``digest``
+        (an HTTP 304). False if the store no longer records that."""
+        with self._lock(exclusive=False), self.db.tx() as cur:
+            cur.execute(
+                "UPDATE refs SET checked = ? WHERE repository = ? AND name = ? AND digest = ?",
+                (time.time(), repository, name, digest),
+            )
+            return cur.rowcount > 0
 
     def get_ref(self, repository: str, name: str) -> bytes | None:
         rows = self.db.query(
             "SELECT digest FROM refs WHERE repository = ? AND name = ?", (repository, name)
         )
         return bytes(rows[0][0]) if rows else None
+
+    def ref_record(self, repository: str, name: str) -> RefRecord | None:
+        """What the store knows of ``name`` in ``repository``: its digest, when the
+        repository last confirmed it, and the validators of that answer."""
+        rows = self.db.query(
+            "SELECT digest, coalesce(checked, updated), etag, last_modified, source FROM refs "
+            "WHERE repository = ? AND name = ?",
+            (repository, name),
+        )
+        if not rows:
+            return None
+        digest, checked, etag, last_modified, source = rows[0]
+        return RefRecord(bytes(digest), float(checked), etag, last_modified, source)
 
     def lease(self, holder: str, images: Iterable[bytes]) -> None:
         """Add ``images`` to ``holder``'s lease (idempotent; persisted)."""

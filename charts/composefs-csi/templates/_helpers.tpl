@@ -127,6 +127,8 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- if hasKey $r "concurrency" -}}{{- $_ := set $d "concurrency" $r.concurrency -}}{{- end -}}
 {{- if hasKey $r "processes" -}}{{- $_ := set $d "processes" $r.processes -}}{{- end -}}
 {{- if hasKey $r "maxImageSize" -}}{{- $_ := set $d "max_image_size" $r.maxImageSize -}}{{- end -}}
+{{- if hasKey $r "offlineRefs" -}}{{- $_ := set $d "offline_refs" $r.offlineRefs -}}{{- end -}}
+{{- if hasKey $r "offlineMaxStaleness" -}}{{- $_ := set $d "offline_max_staleness" $r.offlineMaxStaleness -}}{{- end -}}
 {{- with $r.timeouts -}}{{- $_ := set $d "timeouts" . -}}{{- end -}}
 {{- with $r.retries -}}
 {{- $rt := dict -}}

@@ -1,0 +1,373 @@
+"""Fetching a set of missing objects into a store: in threads, or in bulk worker processes.
+
+:meth:`ObjectFetcher.fetch` registers one shared task per object (:mod:`csi.fetch.tasks`), starts
+the new ones, and waits for all of them, counting each as it ends. Few new objects run in the
+client's thread pool (``concurrency`` threads, each downloading one object at a time through
+:meth:`~csi.fetch.download.Downloader.download`); an eager fetch of ``BULK_MIN_OBJECTS`` or
+more goes to the worker processes of :mod:`csi.fetch.bulk`, a chunk at a time, from threads of
+its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
+
+from csi.repo.packs import PackIndex
+from csi.store import Store, is_no_space
+
+from . import bulk
+from .download import Downloader, object_relpath
+from .errors import FetchError
+from .packs import RangeJob, plan
+from .progress import FetchProgress
+from .tasks import Cancelled, Outcome, Task, TaskTable, chain
+
+log = logging.getLogger(__name__)
+
+#: Fetches needing at least this many new objects download them in worker processes
+#: (:mod:`csi.fetch.bulk`) when the repository has any.
+BULK_MIN_OBJECTS = 64
+#: Objects (and at most bytes) handed to a worker process at a time: at most this many, and
+#: few enough that every worker gets two chunks of a smaller fetch (at least _BULK_CHUNK_MIN).
+_BULK_CHUNK = 64
+_BULK_CHUNK_MIN = 8
+_BULK_CHUNK_BYTES = 32 << 20
+#: Pack ranges handed to a worker process at a time (it runs them together), and at most
+#: this many objects (claimed in the store together). Fewer, larger chunks matter over a long
+#: round trip: a worker waits one per chunk (100k objects at RTT 80 ms: 26 s with chunks of
+#: 256 objects, 20 s with 2048).
+_RANGES_PER_CHUNK = 8
+_RANGE_CHUNK_OBJECTS = 2048
+
+
+class ObjectFetcher:
+    """The object downloads of one repository client: its thread pool, worker processes and
+    table of downloads in flight."""
+
+    def __init__(self, downloader: Downloader) -> None:
+        config = downloader.config
+        self.downloader = downloader
+        self.name = config.name
+        self.tasks = TaskTable()
+        self.bulk_min_objects = BULK_MIN_OBJECTS
+        self.closed = False
+        self._pool = ThreadPoolExecutor(config.concurrency, thread_name_prefix=f"fetch-{self.name}")
+        processes = (
+            config.processes
+            if config.processes is not None
+            else bulk.default_processes(config.concurrency)
+        )
+        self.bulk = bulk.BulkPool(config, processes) if processes > 0 else None
+        # Chunk jobs have threads of their own, two per worker process (one waiting on its
+        # worker, one storing what came back). On the fetch pool they would hold all of its
+        # ``concurrency`` threads for the length of a big fetch, and on-demand (lazy) reads
+        # would queue behind them.
+        self._bulk_jobs = (
+            ThreadPoolExecutor(2 * processes, thread_name_prefix=f"bulk-{self.name}")
+            if processes > 0
+            else None
+        )
+
+    def close(self) -> None:
+        self.closed = True
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._bulk_jobs is not None:
+            self._bulk_jobs.shutdown(wait=True, cancel_futures=True)
+        if self.bulk is not None:
+            self.bulk.close()
+
+    def warm(self, objects: int) -> None:
+        """Have the worker processes start now if ``objects`` new objects would go to them."""
+        if self.bulk is not None and objects >= self.bulk_min_objects:
+            self.bulk.warm()
+
+    # -- one fetch -------------------------------------------------------------------------
+
+    def uses_bulk(self, objects: int) -> bool:
+        """Whether a fetch of ``objects`` new objects goes to the worker processes."""
+        return self.bulk is not None and objects >= self.bulk_min_objects
+
+    def fetch(
+        self,
+        store: Store,
+        missing: set[bytes],
+        sizes: dict[bytes, int],
+        prog: FetchProgress,
+        index: PackIndex | None = None,
+    ) -> tuple[int, int, int]:
+        """Download ``missing`` through shared tasks. (fetched by us, by others, bytes).
+        ``index``: the image's pack index, for a fetch that goes to the worker processes."""
+        if not missing:
+            return 0, 0, 0
+        if self.closed:
+            raise FetchError("client is closed", repository=self.name)
+        unsized = [d for d in missing if d not in sizes]
+        if unsized:  # every download is bounded by the size an image records
+            raise FetchError(
+                f"{len(unsized)} object(s) to fetch have no known size "
+                f"(first: {unsized[0].hex()}); the image that lists them could not be read",
+                repository=self.name,
+            )
+        mine: dict[Future[Outcome], tuple[bytes, Task, bool]] = {}
+        new: list[tuple[bytes, Task]] = []
+        for d in sorted(missing):
+            task, created = self.tasks.register(store, d, sizes.get(d), prog)
+            mine[task.future] = (d, task, created)
+            if created:
+                new.append((d, task))
+        if self.uses_bulk(len(new)):
+            self._start_bulk(store, new, index)
+        else:
+            for d, task in new:
+                self._start(store, d, task)
+        # Each task is counted (and reported to ``prog``) as it ends, by a callback in the
+        # thread that ends it; this thread waits for the last one, or for the first error.
+        mu = threading.Lock()
+        finished = threading.Event()
+        left = len(mine)
+        fetched = shared = received = 0
+        error: BaseException | None = None
+        over = False  # set once this thread has taken the result: later callbacks do nothing
+
+        def ended(f: Future[Outcome]) -> None:
+            nonlocal left, fetched, shared, received, error
+            d, _task, created = mine[f]
+            exc = f.exception()
+            with mu:
+                if over:
+                    return
+                if exc is not None:
+                    error = error or exc
+                    finished.set()
+                    return
+                stored, got = f.result()
+                mine_now = created and stored
+                if mine_now:
+                    fetched += 1
+                else:
+                    shared += 1
+                if created:
+                    received += got
+                left -= 1
+                if not left:
+                    finished.set()
+            prog.object_done(sizes.get(d, 0), fetched=mine_now)
+
+        for f in mine:
+            f.add_done_callback(ended)
+        finished.wait()
+        with mu:
+            over = True
+            failed = error
+        if failed is not None:
+            with self.tasks.mu:
+                for f, (_, task, _) in mine.items():
+                    if not f.done():
+                        task.interest -= 1
+            # Downloads already running go on to their end (those nobody wants any more are
+            # skipped when they would start). Wait for them: the caller's pin must cover
+            # them, or the room they make on a full disk (GC) could be this very image.
+            futures_wait(mine)
+            raise failed
+        return fetched, shared, received
+
+    # -- in-process downloads --------------------------------------------------------------
+
+    def _start(self, store: Store, digest: bytes, task: Task) -> None:
+        fut = self._pool.submit(self._object_task, store, digest, task)
+        fut.add_done_callback(lambda f: chain(f, task.future))
+
+    def _object_task(self, store: Store, digest: bytes, task: Task) -> Outcome:
+        h = digest.hex()
+        with self.tasks.mu:
+            if task.interest == 0:
+                del self.tasks.inflight[(id(store), digest)]
+                raise Cancelled(
+                    "every fetch that wanted it failed", repository=self.name, subject=f"object {h}"
+                )
+        try:
+            return self.downloader.download(
+                store,
+                digest,
+                kind="object",
+                subject=f"object {h}",
+                relpath=object_relpath(digest),
+                size=task.size,
+                progress=task.progress,
+            )
+        finally:
+            self.tasks.forget(store, digest)
+
+    def _finish_in_process(self, store: Store, digest: bytes, task: Task) -> None:
+        try:
+            res = self._object_task(store, digest, task)
+        except BaseException as e:
+            self.tasks.settle(store, digest, task, error=e)
+        else:
+            self.tasks.settle(store, digest, task, result=res)
+
+    # -- worker processes ------------------------------------------------------------------
+
+    def _start_bulk(
+        self, store: Store, new: list[tuple[bytes, Task]], index: PackIndex | None
+    ) -> None:
+        """Hand ``new`` tasks to the worker processes, a chunk per job of the thread pool:
+        with a pack index, first those it places in packs, a few ranges per chunk."""
+        assert self.bulk is not None
+        if index is not None:
+            tasks = dict(new)
+            ranges, rest = plan(index, {d: t.size or 0 for d, t in new})
+            self._submit_ranges(store, tasks, ranges)
+            new = [(d, t) for d, t in new if d in rest]
+        per_chunk = max(
+            _BULK_CHUNK_MIN, min(_BULK_CHUNK, -(-len(new) // (2 * self.bulk.processes)))
+        )
+        chunk: list[tuple[bytes, Task]] = []
+        size = 0
+        for d, task in new:
+            chunk.append((d, task))
+            size += task.size or 0
+            if len(chunk) >= per_chunk or size >= _BULK_CHUNK_BYTES:
+                self._submit_bulk(store, chunk)
+                chunk, size = [], 0
+        if chunk:
+            self._submit_bulk(store, chunk)
+
+    def _submit_ranges(
+        self, store: Store, tasks: dict[bytes, Task], ranges: list[RangeJob]
+    ) -> None:
+        """Chunks of up to ``_RANGES_PER_CHUNK`` ranges (``_BULK_CHUNK_BYTES`` at most), and
+        at least two per worker."""
+        assert self.bulk is not None
+        if not ranges:
+            return
+        per_chunk = max(1, min(_RANGES_PER_CHUNK, -(-len(ranges) // (2 * self.bulk.processes))))
+        group: list[RangeJob] = []
+        size = count = 0
+        for job in ranges:
+            group.append(job)
+            size += job.length
+            count += len(job.entries)
+            if (
+                len(group) >= per_chunk
+                or size >= _BULK_CHUNK_BYTES
+                or count >= _RANGE_CHUNK_OBJECTS
+            ):
+                self._submit_bulk(store, _range_tasks(group, tasks), group)
+                group, size, count = [], 0, 0
+        if group:
+            self._submit_bulk(store, _range_tasks(group, tasks), group)
+
+    def _submit_bulk(
+        self,
+        store: Store,
+        chunk: list[tuple[bytes, Task]],
+        ranges: list[RangeJob] | None = None,
+    ) -> None:
+        def done(f: Future[None]) -> None:
+            # A job cancelled (the client closed) or failed unexpectedly: no task may hang.
+            if f.cancelled():
+                error: BaseException | None = Cancelled("the client was closed")
+            else:
+                error = f.exception()
+            if error is not None:
+                for d, task in chunk:
+                    self.tasks.settle(store, d, task, error=error)
+
+        assert self._bulk_jobs is not None
+        self._bulk_jobs.submit(self.bulk_job, store, chunk, ranges).add_done_callback(done)
+
+    def bulk_job(
+        self,
+        store: Store,
+        chunk: list[tuple[bytes, Task]],
+        ranges: list[RangeJob] | None = None,
+    ) -> None:
+        """Thread-pool job: one chunk through a worker process, then into the store.
+
+        Only objects this job could claim in the store go to the worker; one being written
+        by another thread or process is waited for in-process (``store.ensure``).
+        """
+        assert self.bulk is not None
+        with self.tasks.mu:  # every fetch that wanted these failed meanwhile: skip them
+            dropped = [(d, t) for d, t in chunk if t.interest == 0]
+        for d, task in dropped:
+            error = Cancelled(
+                "every fetch that wanted it failed",
+                repository=self.name,
+                subject=f"object {d.hex()}",
+            )
+            self.tasks.settle(store, d, task, error=error)
+        chunk = [(d, t) for d, t in chunk if not t.future.done()]
+        tasks = dict(chunk)
+        with store.claim(tasks) as mine:
+            for d in tasks.keys() - mine:
+                if store.has_object(d):
+                    self.tasks.settle(store, d, tasks[d], result=(False, 0))
+            if mine:
+                self._bulk_claimed(store, [(d, tasks[d]) for d in tasks if d in mine], ranges)
+        for d, task in chunk:  # claimed elsewhere: wait for it (or write it) here
+            if not task.future.done():
+                self._finish_in_process(store, d, task)
+
+    def _bulk_claimed(
+        self, store: Store, chunk: list[tuple[bytes, Task]], ranges: list[RangeJob] | None
+    ) -> None:
+        assert self.bulk is not None
+        tasks = dict(chunk)
+        try:
+            results, _ = self.bulk.fetch(
+                store.repo.tmp.path,
+                store.repo.tmp.owner(),
+                [(d, t.size) for d, t in chunk],
+                ranges,
+            )
+        except Exception as e:  # the worker died, or could not start: the caller retries
+            log.warning(
+                "repository %r: worker process failed (%s); fetching %d objects in-process",
+                self.name,
+                e,
+                len(chunk),
+            )
+            return
+        written = [r for r in results if isinstance(r, bulk.Written)]
+        try:
+            outcomes: list[bool | BaseException] = list(
+                store.adopt([(w.digest, w.path, w.size) for w in written])
+            )
+        except BaseException as e:
+            outcomes = [e] * len(written)
+        received: dict[FetchProgress, int] = {}  # told once per fetch, not once per object
+        for w in written:
+            p = tasks[w.digest].progress
+            received[p] = received.get(p, 0) + w.received
+        for p, n in received.items():
+            p.downloaded(n)
+        for w, outcome in zip(written, outcomes, strict=True):
+            task = tasks[w.digest]
+            if isinstance(outcome, BaseException) and is_no_space(outcome):
+                # Left unsettled: fetched again in-process, where the store can make room.
+                log.info(
+                    "repository %r: store full adopting %s; fetching it in-process",
+                    self.name,
+                    w.digest.hex(),
+                )
+            elif isinstance(outcome, BaseException):
+                self.tasks.settle(store, w.digest, task, error=outcome)
+            else:
+                self.tasks.settle(store, w.digest, task, result=(outcome, w.received))
+        for r in results:
+            if not isinstance(r, bulk.Failed):
+                continue
+            if r.error == "no_space":
+                # Left unsettled: fetched again in-process, where the store can make room.
+                log.info("repository %r: %s; fetching it in-process", self.name, r.message)
+            else:  # final: the worker already tried every mirror
+                self.tasks.settle(store, r.digest, tasks[r.digest], error=r.to_exception())
+
+
+def _range_tasks(ranges: list[RangeJob], tasks: dict[bytes, Task]) -> list[tuple[bytes, Task]]:
+    return [(e.digest, tasks[e.digest]) for job in ranges for e in job.entries]
