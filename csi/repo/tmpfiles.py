@@ -51,6 +51,8 @@ LEGACY_MARK_MAX_AGE = 86400.0
 #: this one, and ``keys-<n>.lock`` for n from 1 to KEY_LOCK_SHARDS - 1.
 KEY_LOCKS_FILE = "keys.lock"
 KEY_LOCK_SHARDS = 16
+#: Unlocked descriptors kept open per lock file for the next holder (more are closed).
+KEY_LOCK_POOL = 4
 _KEY_LOCK_NAME = re.compile(r"keys(-[0-9]+)?\.lock")
 
 # struct flock (Linux, 64-bit off_t): l_type, l_whence, l_start, l_len, l_pid, padding.
@@ -158,7 +160,10 @@ class KeyLocks:
     def _take_fd(self, shard: int) -> int:
         with self._mu:
             if self._pid != os.getpid():  # forked: the inherited descriptors share our locks
+                inherited = [fd for free in self._free for fd in free]
                 self._free, self._pid = [[] for _ in self._paths], os.getpid()
+                for fd in inherited:  # unlocked in the parent's pool: closing drops nothing
+                    os.close(fd)
             if self._free[shard]:
                 return self._free[shard].pop()
         path = self._paths[shard]
@@ -170,7 +175,7 @@ class KeyLocks:
 
     def _give_fd(self, shard: int, fd: int) -> None:
         with self._mu:
-            if self._pid == os.getpid():
+            if self._pid == os.getpid() and len(self._free[shard]) < KEY_LOCK_POOL:
                 self._free[shard].append(fd)
                 return
         os.close(fd)
