@@ -162,10 +162,17 @@ class Nginx:
         self.stop()
 
     def requests(self) -> list[tuple[str, int, int]]:
-        """(uri, status, body bytes sent) for every request logged so far."""
+        """(uri, status, body bytes sent) for every request logged so far.
+
+        nginx logs a request after sending its response, so a client can be answered before
+        the line is written: the log is read once it has stopped growing for 20 ms.
+        """
         out: list[tuple[str, int, int]] = []
         if not self.access_log.exists():
             return out
+        size = -1
+        while size != (size := self.access_log.stat().st_size):
+            time.sleep(0.02)
         for line in self.access_log.read_text().splitlines():
             uri, status, size = line.rsplit(" ", 2)
             out.append((uri, int(status), int(size)))

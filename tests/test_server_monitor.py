@@ -85,8 +85,10 @@ def last_lines(proc: subprocess.Popen[str], seconds: float) -> list[str]:
     assert proc.stdout is not None
     out: list[str] = []
     end = time.monotonic() + seconds
+    poller = select.poll()  # not select(): the descriptor may be past 1024 in a long run
+    poller.register(proc.stdout, select.POLLIN)
     while time.monotonic() < end:
-        if select.select([proc.stdout], [], [], 0.1)[0]:
+        if poller.poll(100):
             out.append(proc.stdout.readline().strip())
     return out
 
