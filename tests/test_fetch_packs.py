@@ -173,6 +173,23 @@ def test_plan_joins_runs_and_leaves_disagreeing_entries_to_objects() -> None:
     assert [(j.offset, j.length) for j in jobs] == [(100, 100)] and rest == set()
 
 
+def test_plan_takes_a_zstd_entry_only_when_it_is_smaller_than_the_object() -> None:
+    # The writer keeps a frame only where it saves bytes; an index that says otherwise (a
+    # "compressed" 64 MiB entry for a 10-byte file) would only make ranges carry junk.
+    d = [bytes([i]) * 32 for i in range(3)]
+    idx = PackIndex(
+        [b"\x09" * 32],
+        [
+            IndexEntry(d[0][:8], 0, 0, 60, ENC_ZSTD),
+            IndexEntry(d[1][:8], 0, 60, 100, ENC_ZSTD),
+            IndexEntry(d[2][:8], 0, 160, 64 << 20, ENC_ZSTD),
+        ],
+    )
+    jobs, rest = plan(idx, {x: 100 for x in d})
+    assert [[e.digest for e in j.entries] for j in jobs] == [[d[0]]]
+    assert rest == {d[1], d[2]}
+
+
 def test_splitter_cuts_entries_across_chunks_and_skips_gaps() -> None:
     entries = (
         RangeEntry(b"a" * 32, 0, 3, ENC_RAW, 3),

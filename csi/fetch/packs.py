@@ -120,8 +120,12 @@ def plan(
         if d is None:
             continue
         size = missing[d]
+        # A raw entry is the object; a zstd frame is kept only where it is smaller (the
+        # writer's KEEP_RATIO), which also bounds what a lying index makes a range carry.
         if size > ENTRY_MAX or (
-            e.length != size if e.encoding == ENC_RAW else not (e.encoding == ENC_ZSTD and size)
+            e.length != size
+            if e.encoding == ENC_RAW
+            else not (e.encoding == ENC_ZSTD and e.length < size)
         ):
             continue  # disagrees with the image: from objects/
         by_prefix[e.prefix] = None  # once
