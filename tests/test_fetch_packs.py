@@ -7,6 +7,7 @@ digest: whatever does not comes from objects/, and the store only ever holds ver
 from __future__ import annotations
 
 import functools
+import json
 import random
 import shutil
 import struct
@@ -19,6 +20,7 @@ import pytest
 from csi.cli.main import main as cli
 from csi.fetch import RepositoryClient, RepositoryConfig, RetryPolicy
 from csi.fetch.packs import RangeEntry, RangeSplitter, decode, plan
+from csi.image.tree import INLINE_CONTENT_DEFAULT_MAX
 from csi.metrics import REGISTRY
 from csi.repo import Repository
 from csi.repo.packs import (
@@ -280,6 +282,54 @@ def test_cold_fetch_takes_small_objects_from_packs(
     assert ranges and all(st == 206 for _, st in ranges)
     assert len(ranges) < 10
     assert res.objects_fetched == res.objects_total  # type: ignore[attr-defined]
+
+
+def test_import_pack_writes_packs_a_node_fetches_from(
+    packed: Packed, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`composefs-csi import --pack`: the imported image gets an index and packs, as `build
+    --pack` gives them, and a cold fetch takes its small objects out of them."""
+    from tests.ocilayers import E, Layout, layer_tar
+
+    rnd = random.Random(7)
+    files = [E("./", "dir"), E("d", "dir")]
+    files += [
+        E(f"d/f{i:03d}", data=rnd.randbytes(rnd.choice([50, 4000, 30_000]))) for i in range(90)
+    ]
+    files.append(E("big", data=rnd.randbytes(2 << 20)))  # above --pack-max-object
+    src = Layout(tmp_path / "oci")
+    source = src.tag("v1", src.image([layer_tar(files)]))
+    repo = packed.root / "imported"
+    args = ["import", source, "--repo", str(repo), "--ref", "app:v1", "--pack", "--json"]
+    assert cli(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    small = sum(1 for e in files if INLINE_CONTENT_DEFAULT_MAX < len(e.data) < 1 << 20)
+    assert small > 40  # files of up to 64 bytes are inline in the image
+    assert out["packs"] == [{"objects": small, "written": small, "reused": 0, "new_packs": 1}]
+    image = Repository(repo).resolve_ref("app:v1")
+    idx = parse_index((repo / index_relpath(image)).read_bytes(), max_entries=10**6)
+    assert len(idx.entries) == small
+
+    packed.nginx.clear_log()
+    _, res = fetch(packed.url("imported/"), "app:v1", tmp_path / "s")
+    reqs = packed.nginx.requests()
+    assert [u for u, _, _ in reqs if "/objects/" in u] == [
+        f"/imported/objects/{d.hex()[:2]}/{d.hex()[2:]}"
+        for d in Repository(repo).iter_objects()
+        if (repo / "objects" / d.hex()[:2] / d.hex()[2:]).stat().st_size == 2 << 20
+    ]
+    assert 0 < len([u for u, _, _ in reqs if "/packs/" in u and "/index/" not in u]) < 5
+    assert res.objects_fetched == res.objects_total == small + 1  # type: ignore[attr-defined]
+
+
+def test_bad_pack_options_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "f").write_bytes(b"x")
+    with pytest.raises(SystemExit, match="from 1 to 19"):
+        cli(["build", str(tmp_path / "t"), "--repo", str(tmp_path / "r"), "--compress", "30"])
+    with pytest.raises(SystemExit, match="at least 1 byte"):
+        cli(["build", str(tmp_path / "t"), "--repo", str(tmp_path / "r"), "--pack",
+             "--pack-max-object", "0"])  # fmt: skip
 
 
 def test_second_version_takes_only_its_new_pack(packed: Packed, tmp_path: Path) -> None:

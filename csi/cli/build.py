@@ -13,6 +13,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from csi.cli.packing import pack_options, pack_summary
 from csi.cli.progress import Bar
 from csi.image.dump import parse_dump
 from csi.image.fromdir import ScanOptions, scan_directory
@@ -20,7 +21,7 @@ from csi.image.fsverity import digest_bytes
 from csi.image.tree import Tree, object_path
 from csi.image.writer import write_image
 from csi.repo import Repository
-from csi.repo.packs import write_packs
+from csi.repo.packs import pack_tree
 from csi.repo.parallel import default_processes, store_files
 
 
@@ -45,30 +46,6 @@ def build_from_directory(
         node.digest = digest
         node.payload = object_path(digest)
     return result.tree, added, present
-
-
-def _pack(repo: Repository, tree: Tree, image: bytes, args: argparse.Namespace) -> None:
-    """Write the image's pack index (and packs of its objects no pack holds yet) before the
-    image itself: a client that finds the image may look for its index at once."""
-    level = args.compress
-    if level is not None and not 1 <= level <= 19:
-        raise SystemExit("composefs-csi build: --compress takes a zstd level from 1 to 19")
-    objects = [
-        (n.digest, n.size)
-        for _, n in tree.bfs()
-        if n.is_external and n.digest is not None and repo.has_object(n.digest)
-    ]
-    report = write_packs(
-        repo, digest_bytes(image), objects, max_object=args.pack_max_object, level=level
-    )
-    saved = ""
-    if report.raw_bytes:
-        saved = f" ({report.stored_bytes / report.raw_bytes:.0%} of their size)"
-    print(
-        f"packs: {report.objects} object(s) indexed, {report.written} written into "
-        f"{len(report.packs)} new pack(s){saved}, {report.reused} already in packs",
-        file=sys.stderr,
-    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -98,8 +75,10 @@ def run(args: argparse.Namespace) -> int:
         )
         tree, added, present = build_from_directory(src, repo, options)
     image = write_image(tree, min_version=args.min_version, max_version=args.max_version)
-    if args.pack or args.compress is not None:
-        _pack(repo, tree, image, args)
+    pack = pack_options(args, "build")
+    if pack is not None:
+        # Before the image is linked: a client that sees the image may look for its index.
+        print(pack_summary(pack_tree(repo, digest_bytes(image), tree, pack)), file=sys.stderr)
     digest = repo.add_image(image)
     for ref in args.ref:
         repo.set_ref(ref, digest)

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from csi.cli.packing import pack_options, pack_summary
 from csi.cli.progress import Bar
 from csi.oci.importer import ImportOptions, ImportResult, run_import
 from csi.oci.platform import parse_platform
@@ -59,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
         authfile=args.authfile,
         ca_bundle=args.ca_bundle,
         plain_http=args.plain_http,
+        pack=pack_options(args, "import"),
     )
     with Bar(f"importing {args.source}") as bar:
 
@@ -85,12 +87,23 @@ def run(args: argparse.Namespace) -> int:
                     "new_objects": result.new_objects,
                     "new_bytes": result.new_bytes,
                     "present_objects": result.present_objects,
+                    "packs": [
+                        {
+                            "objects": p.objects,
+                            "written": p.written,
+                            "reused": p.reused,
+                            "new_packs": len(p.packs),
+                        }
+                        for p in result.packs
+                    ],
                 },
                 indent=2,
             )
         )
         return 0
     print(summary(result), file=sys.stderr)
+    for report in result.packs:
+        print(pack_summary(report), file=sys.stderr)
     for digest in result.images:
         print(f"sha256:{digest.hex()}")
     return 0

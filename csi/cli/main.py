@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from csi import __version__
+from csi.cli.packing import add_pack_arguments
 
 EPILOG = """\
 Publishing:   composefs-csi build ./tree --repo ./repo --ref app:v1
@@ -58,26 +59,7 @@ def _add_build(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="processes copying and hashing files (default: 2 per CPU, at most 16)",
     )
     p.add_argument("--image-out", help="also write the image to this file")
-    p.add_argument(
-        "--pack",
-        action="store_true",
-        help="also write the image's small objects into pack files with an index (packs/), "
-        "so that nodes fetch them with a few range requests (docs/publishing.md)",
-    )
-    p.add_argument(
-        "--compress",
-        type=int,
-        metavar="LEVEL",
-        help="with --pack: zstd-compress pack entries at this level (1-19; 3 is a good "
-        "choice), keeping a frame only where it saves at least 5%%",
-    )
-    p.add_argument(
-        "--pack-max-object",
-        type=int,
-        default=1 << 20,
-        metavar="BYTES",
-        help="largest object written into packs (default 1 MiB)",
-    )
+    add_pack_arguments(p)
     p.set_defaults(module="build")
 
 
@@ -121,6 +103,7 @@ def _add_import(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument(
         "--plain-http", action="store_true", help="talk plain HTTP to the registry (no TLS)"
     )
+    add_pack_arguments(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(module="import_cmd")
 

@@ -18,9 +18,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from csi.image.fsverity import digest_bytes
 from csi.image.writer import write_image
 from csi.repo import Repository, validate_ref_name
 from csi.repo import provenance as prov
+from csi.repo.packs import PackOptions, PackReport, pack_tree
 
 from .apply import WHITEOUT_PREFIX, Applier, finish_tree
 from .archive import ArchiveSource
@@ -57,6 +59,9 @@ class ImportOptions:
     ca_bundle: str | None = None
     plain_http: bool = False
     timeout: float = 60.0
+    #: Also write each image's small objects into packs (``--pack``), before the image is
+    #: linked; None: no packs.
+    pack: PackOptions | None = None
 
 
 @dataclass
@@ -75,6 +80,8 @@ class ImportResult:
     new_objects: int
     new_bytes: int
     present_objects: int
+    #: What was packed for each image (with ``ImportOptions.pack``).
+    packs: list[PackReport] = field(default_factory=list)
 
 
 def open_source(text: str, options: ImportOptions) -> Source:
@@ -203,6 +210,14 @@ def run_import(
         except BaseException:
             sink.abort()
             raise
+        packs = []
+        if options.pack is not None:
+            # Before the images are linked: a client that sees an image may look for its
+            # index at once.
+            packs = [
+                pack_tree(repo, digest_bytes(img), tree, options.pack)
+                for tree, img in zip(trees, images, strict=True)
+            ]
         digests = [repo.add_image(img) for img in images]
         result = ImportResult(
             source=source.label,
@@ -218,6 +233,7 @@ def run_import(
             new_objects=sink.new_objects,
             new_bytes=sink.new_bytes,
             present_objects=sink.present_objects,
+            packs=packs,
         )
         _publish(repo, result, resolved, options)
         return result

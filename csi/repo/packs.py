@@ -34,6 +34,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from csi.image.tree import Tree
+
 from . import layout
 from .repository import Repository
 
@@ -138,6 +140,33 @@ class PackReport:
     raw_bytes: int = 0  # size of the objects written
     stored_bytes: int = 0  # what they take in the new packs
     packs: list[bytes] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PackOptions:
+    """How ``build --pack`` and ``import --pack`` write packs."""
+
+    #: Largest object written into packs.
+    max_object: int = DEFAULT_MAX_OBJECT
+    #: zstd level of entries (1-19), or None: raw.
+    level: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.level is not None and not 1 <= self.level <= 19:
+            raise ValueError(f"zstd level {self.level}: choose one from 1 to 19")
+        if self.max_object < 1:
+            raise ValueError("the largest packed object must be at least 1 byte")
+
+
+def pack_tree(repo: Repository, image: bytes, tree: Tree, options: PackOptions) -> PackReport:
+    """:func:`write_packs` for the image of ``tree`` (digest ``image``): its objects that
+    ``repo`` holds, in the tree's order."""
+    objects = [
+        (n.digest, n.size)
+        for _, n in tree.bfs()
+        if n.is_external and n.digest is not None and repo.has_object(n.digest)
+    ]
+    return write_packs(repo, image, objects, max_object=options.max_object, level=options.level)
 
 
 def _known_entries(repo: Repository) -> dict[bytes, tuple[bytes, int, int, int]]:
