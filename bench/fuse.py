@@ -7,6 +7,7 @@ files" and "memory" bars).
     python -m bench.fuse --small-files 50000   # a bigger small-file tree (~2 GB)
     python -m bench.fuse --workdir DIR         # keep the generated store in DIR between runs
     python -m bench.fuse --file-handles        # serve as with stock pyfuse3, for comparison
+    python -m bench.fuse --no-readahead        # without reading a directory's next files ahead
 
 Needs root (drop_caches, mounts, FUSE) and kernel composefs support. Measured in one run,
 medians of ``--rounds``:
@@ -413,6 +414,11 @@ def main(argv: list[str] | None = None) -> int:
         help="serve as with stock pyfuse3 (every open and listing through the daemon)",
     )
     ap.add_argument(
+        "--no-readahead",
+        action="store_true",
+        help="do not read the next files of a directory ahead (readahead_files 0), for comparison",
+    )
+    ap.add_argument(
         "--only",
         default=",".join(PARTS),
         help=f"comma-separated parts to run (default: all of {','.join(PARTS)})",
@@ -437,7 +443,9 @@ def main(argv: list[str] | None = None) -> int:
     port = _free_port()
     ok = True
     mb = 1e6
-    extra = {"kernel_opens": False} if args.file_handles else {}
+    extra: dict[str, object] = {"kernel_opens": False} if args.file_handles else {}
+    if args.no_readahead:
+        extra["readahead_files"] = 0
     with run_daemon(store, work=work, metrics_address=f"127.0.0.1:{port}", **extra) as d:
         if "reads" in parts:
             r = bench_reads(d, store, bytes.fromhex(str(st["large"])), list(st["names"]), rounds)  # type: ignore[arg-type]

@@ -27,6 +27,7 @@ Example (every key optional except ``repositories``)::
       metrics_address: ":9810"
       read_ahead_kb: 1024
       open_files: 1024
+      readahead_files: 16               # next small files of a directory read file by file (0: off)
       mount_options: [ro, nosuid, nodev, allow_other]   # of the node-wide FUSE mount
     metrics:
       address: ":9809"                  # node plugin / controller metrics ("" disables)
@@ -104,6 +105,9 @@ class DataPlaneConfig:
     metrics_address: str = ":9810"
     read_ahead_kb: int = 1024
     open_files: int = 1024
+    #: When a directory's files are read in turn, the next this many small files are read
+    #: ahead (csi/fuse/readahead.py); 0 turns it off.
+    readahead_files: int = 16
     mount_options: tuple[str, ...] = ("ro", "nosuid", "nodev", "allow_other")
 
 
@@ -216,7 +220,15 @@ def config_from_dict(raw: object) -> DriverConfig:
     dp = _mapping(top.get("dataplane"), "dataplane")
     _take(
         dp,
-        {"mountpoint", "socket", "metrics_address", "read_ahead_kb", "open_files", "mount_options"},
+        {
+            "mountpoint",
+            "socket",
+            "metrics_address",
+            "read_ahead_kb",
+            "open_files",
+            "readahead_files",
+            "mount_options",
+        },
         "dataplane",
     )
     options = dp.get("mount_options", list(DataPlaneConfig.mount_options))
@@ -230,6 +242,9 @@ def config_from_dict(raw: object) -> DriverConfig:
         metrics_address=str(dp.get("metrics_address", DataPlaneConfig.metrics_address)),
         read_ahead_kb=int(_number(dp.get("read_ahead_kb", 1024), "dataplane.read_ahead_kb", lo=0)),
         open_files=int(_number(dp.get("open_files", 1024), "dataplane.open_files", lo=16)),
+        readahead_files=int(
+            _number(dp.get("readahead_files", 16), "dataplane.readahead_files", lo=0, hi=256)
+        ),
         mount_options=tuple(options),
     )
     metrics = _mapping(top.get("metrics"), "metrics")

@@ -38,6 +38,7 @@ def dataplane(args: argparse.Namespace) -> int:
             read_ahead_kb=dp.read_ahead_kb,
             mount_options=dp.mount_options,
             fd_cache_size=dp.open_files,
+            readahead_files=dp.readahead_files,
             metrics_address=_address(dp.metrics_address),
         )
     )

@@ -103,7 +103,10 @@ class DataPlane:
             fetch_timeout=config.fetch_timeout,
         )
         self.fs = DataPlaneFS(
-            self.objects, timeout=config.cache_timeout, kernel_opens=config.kernel_opens
+            self.objects,
+            timeout=config.cache_timeout,
+            kernel_opens=config.kernel_opens,
+            readahead_files=config.readahead_files,
         )
         metrics.init_labels()
         self.listings = ListingCache(config.listing_cache_entries)

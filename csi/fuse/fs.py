@@ -45,6 +45,7 @@ from csi.image.errors import FormatError
 from . import metrics
 from .inodes import MAX_SLOT, ROOT_INO, slot_of
 from .objects import ObjectFile, ObjectMissing, ObjectStoreAccess, ObjectUnavailable
+from .readahead import SiblingReadahead
 from .views import DOT_ENTRIES, FileRef, View, ViewError, entry_attributes
 
 log = logging.getLogger(__name__)
@@ -150,11 +151,18 @@ class DataPlaneFS(pyfuse3.Operations):
     enable_symlink_cache = True
 
     def __init__(
-        self, objects: ObjectStoreAccess, *, timeout: float, kernel_opens: bool = True
+        self,
+        objects: ObjectStoreAccess,
+        *,
+        timeout: float,
+        kernel_opens: bool = True,
+        readahead_files: int = 16,
     ) -> None:
         super().__init__()
         self.objects = objects
         self.timeout = timeout
+        #: The next files of a directory read file by file (:mod:`csi.fuse.readahead`).
+        self.readahead = SiblingReadahead(readahead_files)
         #: Read by a patched pyfuse3: ``read`` and ``readdir`` get inode numbers.
         old_kernel = _kernel_version(os.uname().release) < _NO_OPENDIR_KERNEL
         self.inode_as_fh = kernel_opens and kernel_opens_supported() and not old_kernel
@@ -213,6 +221,7 @@ class DataPlaneFS(pyfuse3.Operations):
         """Remove a view from the root; its open files keep working until released."""
         self.views.pop(view.key, None)
         self._by_slot.pop(view.slot, None)
+        self.readahead.forget_view(view.slot)
         self._root_mtime_ns = time.time_ns()
         self._update_view_metrics()
         self._retired[view.slot] = view
@@ -434,10 +443,16 @@ class DataPlaneFS(pyfuse3.Operations):
             return
         slot = d.view.slot
         listed = 0
+        first = off - DOT_ENTRIES
+        ahead = self.readahead
         try:
-            for name, attrs, cookie in d.view.readdir(d.ino, off - DOT_ENTRIES):
+            for name, attrs, cookie in d.view.readdir(d.ino, first):
                 if not pyfuse3.readdir_reply(token, name, attrs, DOT_ENTRIES + cookie):
                     return
+                if ahead.depth:
+                    ahead.listed(
+                        slot, d.ino, first + listed, attrs.st_ino, attrs.st_mode, attrs.st_size
+                    )
                 listed += 1
         finally:
             self._looked_up(slot, listed)
@@ -517,6 +532,8 @@ class DataPlaneFS(pyfuse3.Operations):
         end = min(off + size, ref.size)
         if off >= end:
             return b""
+        if off == 0 and self.readahead.depth:
+            self._read_ahead(view, ino)
         if ref.digest is None:
             data = ref.image.read_inline(ref.nid, off, end - off)
         else:
@@ -533,6 +550,19 @@ class DataPlaneFS(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EIO) from None
         metrics.READ_BYTES.inc(len(data))
         return data
+
+    def _read_ahead(self, view: View, ino: int) -> None:
+        """Start reading ahead the files listed after ``ino`` if it is read in turn."""
+        objects = []
+        for nxt in self.readahead.on_read_start(view.slot, ino):
+            try:
+                ref = view.file(nxt)
+            except ViewError:
+                continue
+            if ref.digest is not None:
+                objects.append((ref.digest, ref.size))
+        if objects:
+            self.objects.warm(objects)
 
     async def _read(self, ref: FileRef, obj: ObjectFile | None, off: int, size: int) -> bytes:
         end = min(off + size, ref.size)

@@ -45,6 +45,12 @@ LAZY_FETCHES = Counter(
     ["trigger", "result"],
     registry=REGISTRY,
 )
+READAHEAD_FILES = Counter(
+    "composefs_csi_fuse_readahead_files",
+    "Files whose objects were handed to the page cache ahead of their reads (the next files "
+    "of a directory read file by file).",
+    registry=REGISTRY,
+)
 MISSING_OBJECTS = Counter(
     "composefs_csi_fuse_missing_objects",
     "Opens that failed because the object was not in the store (and could not be fetched).",

@@ -16,6 +16,7 @@ the background prefetch; opens of objects already in the store never touch the f
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -116,6 +117,22 @@ def _timed_pread(fd: int, size: int, offset: int) -> tuple[bytes, float]:
     return data, time.perf_counter() - started
 
 
+def _open_willneed(paths: list[str | os.PathLike[str]], sizes: list[int]) -> list[int]:
+    """Open each object and ask the page cache to read it whole, without waiting for the
+    disk; a descriptor each (-1 where the object could not be opened)."""
+    fds = []
+    for path, size in zip(paths, sizes, strict=True):
+        try:
+            fd = os.open(path, OPEN_FLAGS)
+        except OSError:
+            fds.append(-1)
+            continue
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, 0, size, os.POSIX_FADV_WILLNEED)
+        fds.append(fd)
+    return fds
+
+
 @dataclass(eq=False, slots=True)
 class ObjectFile:
     digest: bytes
@@ -138,6 +155,9 @@ class FdCache:
 
     def __len__(self) -> int:
         return len(self._files)
+
+    def __contains__(self, digest: bytes) -> bool:
+        return digest in self._files
 
     def acquire(self, digest: bytes) -> ObjectFile | None:
         f = self._files.get(digest)
@@ -271,6 +291,28 @@ class ObjectStoreAccess:
 
     def release(self, f: ObjectFile) -> None:
         self.fds.release(f)
+
+    def warm(self, objects: list[tuple[bytes, int]]) -> None:
+        """Have the page cache read ``objects`` (digest, size) in the background and keep
+        their descriptors ready; objects not in the store are skipped (nothing is fetched)."""
+        todo = [(d, size) for d, size in objects if d not in self.fds]
+        if todo and self._nursery is not None:
+            self._nursery.start_soon(self._warm, todo)
+
+    async def _warm(self, todo: list[tuple[bytes, int]]) -> None:
+        try:
+            fds = await self.io.run(
+                _open_willneed, [self.object_path(d) for d, _ in todo], [s for _, s in todo]
+            )
+        except Exception as e:  # a background nicety: never the daemon's end
+            log.debug("read-ahead of %d object(s) failed: %s", len(todo), e)
+            return
+        warmed = 0
+        for (digest, _), fd in zip(todo, fds, strict=True):
+            if fd >= 0:
+                self.fds.release(self.fds.insert(digest, fd))
+                warmed += 1
+        metrics.READAHEAD_FILES.inc(warmed)
 
     async def read(
         self, digest: bytes, size: int, source: ObjectSource | None, length: int, offset: int

@@ -172,6 +172,7 @@ app.kubernetes.io/component: {{ index . 1 }}
     "metrics_address" (printf ":%d" (int $v.dataplane.metricsPort))
     "read_ahead_kb" $v.dataplane.readAheadKb
     "open_files" $v.dataplane.openFiles
+    "readahead_files" $v.dataplane.readaheadFiles
     "mount_options" $v.dataplane.mountOptions)
   "metrics" (dict "address" (printf ":%d" (int (ternary $v.controller.metricsPort $v.node.metricsPort (eq $role "controller")))))
   "node" (dict "kubelet_dir" (include "composefs-csi.kubeletDir" $) "repair_interval" $v.node.repairInterval)

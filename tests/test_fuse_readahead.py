@@ -1,0 +1,189 @@
+"""Reading ahead across files (csi/fuse/readahead.py): when a directory's files are read in
+turn, the data plane has the next small files' objects read into the page cache before they
+are asked for; a read of one file among many starts nothing.
+
+The rules are checked on :class:`SiblingReadahead` alone; the effect through a real FUSE mount
+of the data plane, by asking the page cache of each object file whether it holds the object
+(mincore(2)).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+from csi.fuse.fs import kernel_opens_supported
+from csi.fuse.readahead import SiblingReadahead
+from csi.image.fsverity import digest_bytes
+from csi.image.tree import S_IFDIR, S_IFREG, Node, Tree, object_path
+from tests.fuse_helpers import add_image, external, fuse_unavailable, run_daemon
+
+REG = S_IFREG | 0o644
+DIR = S_IFDIR | 0o755
+
+
+def listing(ra: SiblingReadahead, entries: list[tuple[int, int, int]], slot: int = 1) -> None:
+    for i, (ino, mode, size) in enumerate(entries):
+        ra.listed(slot, 100, i, ino, mode, size)
+
+
+def test_reading_in_turn_keeps_depth_files_ahead() -> None:
+    ra = SiblingReadahead(depth=4)
+    listing(ra, [(10 + i, REG, 1000) for i in range(12)])
+    assert ra.on_read_start(1, 10) == [11, 12, 13, 14]  # the first file of the listing
+    assert ra.on_read_start(1, 11) == []  # still 3 ahead
+    assert ra.on_read_start(1, 12) == [15, 16]  # topped up once half are read
+    assert ra.on_read_start(1, 13) == []
+    assert ra.on_read_start(1, 14) == [17, 18]
+    assert ra.on_read_start(1, 15) == []
+    assert ra.on_read_start(1, 16) == [19, 20]
+    assert ra.on_read_start(1, 17) == []
+    assert ra.on_read_start(1, 18) == [21]  # the listing ends at 21
+    assert [ra.on_read_start(1, i) for i in (19, 20, 21)] == [[], [], []]
+
+
+def test_a_file_read_out_of_turn_starts_nothing() -> None:
+    ra = SiblingReadahead(depth=4)
+    listing(ra, [(10 + i, REG, 1000) for i in range(12)])
+    assert ra.on_read_start(1, 15) == []  # one file in the middle (a config file)
+    assert ra.on_read_start(1, 13) == []  # not the one after it either
+    assert ra.on_read_start(1, 14) == [15, 16, 17, 18]  # ... but this one is
+    assert ra.on_read_start(1, 999) == []  # never listed
+    assert ra.on_read_start(2, 10) == []  # another view's inode of the same number
+
+
+def test_only_small_regular_files_are_read_ahead() -> None:
+    ra = SiblingReadahead(depth=8, max_size=4096)
+    entries = [(1, REG, 100), (2, DIR, 0), (3, REG, 1 << 20), (4, REG, 0), (5, REG, 4096)]
+    listing(ra, entries)
+    assert ra.on_read_start(1, 1) == [5]
+
+
+def test_listings_out_of_order_or_past_the_limit_are_not_remembered() -> None:
+    ra = SiblingReadahead(depth=4, max_dirs=2)
+    ra.listed(1, 100, 3, 13, REG, 10)  # a reply that does not start at 0: nothing known
+    assert ra.on_read_start(1, 13) == [] and len(ra) == 0
+    for d in (100, 200, 300):  # three directories listed, two remembered
+        for i in range(3):
+            ra.listed(1, d, i, d + i, REG, 10)
+    assert len(ra) == 2
+    assert ra.on_read_start(1, 100) == []  # the least recently listed one was forgotten
+    assert ra.on_read_start(1, 300) == [301, 302]
+    ra.forget_view(1)
+    assert len(ra) == 0 and ra.on_read_start(1, 200) == []
+    off = SiblingReadahead(depth=0)
+    off.listed(1, 100, 0, 1, REG, 10)
+    off.listed(1, 100, 1, 2, REG, 10)
+    assert off.on_read_start(1, 1) == [] and len(off) == 0
+
+
+# -- through the data plane ---------------------------------------------------------------------
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [
+    ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long
+]  # fmt: skip
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+
+
+def cached(path: Path) -> bool:
+    """Whether the page cache holds every page of ``path`` (mincore(2) of a mapping, which
+    reads nothing: a probing read would itself start the kernel's read-ahead)."""
+    size = path.stat().st_size
+    pages = -(-size // mmap.PAGESIZE)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), "mmap")
+        try:
+            vec = (ctypes.c_ubyte * pages)()
+            if _libc.mincore(addr, size, vec) != 0:
+                raise OSError(ctypes.get_errno(), "mincore")
+            return all(v & 1 for v in vec)
+        finally:
+            _libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+
+
+def evict(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture()
+def store_with_dir(tmp_path: Path) -> tuple[Path, bytes, list[Path]]:
+    reason = fuse_unavailable()
+    if reason:
+        pytest.skip(reason)
+    if not kernel_opens_supported():
+        pytest.skip("stock pyfuse3 (without the inode_as_fh patch): no read-ahead across files")
+    rnd = random.Random(5)
+    tree = Tree(Node(mode=DIR))
+    sub = Node(mode=DIR)
+    tree.root.add(b"d", sub)
+    blobs = []
+    for i in range(40):
+        node, data = external(rnd.randbytes(20_000))
+        sub.add(b"f%02d" % i, node)
+        blobs.append(data)
+    store = tmp_path / "store"
+    digest = add_image(store, tree, blobs)
+    objects = []
+    for data in blobs:
+        objects.append(store / "objects" / object_path(digest_bytes(data)).decode())
+    return store, digest, objects
+
+
+def wait_cached(paths: list[Path], seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not all(cached(p) for p in paths):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+@pytest.mark.parametrize("depth", [16, 0])
+def test_the_next_files_are_cached_before_they_are_read(
+    store_with_dir: tuple[Path, bytes, list[Path]], depth: int
+) -> None:
+    store, digest, objects = store_with_dir
+    with run_daemon(store, readahead_files=depth) as d:
+        view = d.view_path([digest])
+        names = sorted(os.listdir(view / "d"))  # the listing, as a reader sees it
+        assert names[:2] == ["f00", "f01"]
+        for p in objects:
+            evict(p)
+        assert not any(cached(p) for p in objects)
+        # One file in the middle of the directory, as a pod reading one config file would:
+        # nothing else is read.
+        assert len((view / "d" / "f20").read_bytes()) == 20_000
+        time.sleep(0.2)
+        assert [i for i, p in enumerate(objects) if cached(p)] == [20]
+        # The first file of the listing: the next 16 follow, and no more.
+        assert len((view / "d" / "f00").read_bytes()) == 20_000
+        if depth:
+            assert wait_cached(objects[1:17])
+            assert not any(cached(p) for p in objects[21:])
+        else:
+            time.sleep(0.2)
+            assert [i for i, p in enumerate(objects) if cached(p)] == [0, 20]
+        # Reading on in turn keeps the read-ahead going to the end of the directory.
+        for i in range(1, 40):
+            assert len((view / "d" / f"f{i:02d}").read_bytes()) == 20_000
+        assert wait_cached(objects)
