@@ -330,6 +330,7 @@ def test_bad_pack_options_are_refused(tmp_path: Path, capsys: pytest.CaptureFixt
     with pytest.raises(SystemExit, match="at least 1 byte"):
         cli(["build", str(tmp_path / "t"), "--repo", str(tmp_path / "r"), "--pack",
              "--pack-max-object", "0"])  # fmt: skip
+    assert not (tmp_path / "r").exists()  # refused before any work
 
 
 def test_second_version_takes_only_its_new_pack(packed: Packed, tmp_path: Path) -> None:

@@ -51,6 +51,7 @@ def build_from_directory(
 def run(args: argparse.Namespace) -> int:
     if args.min_version > args.max_version:
         raise SystemExit("composefs-csi build: --min-version is above --max-version")
+    pack = pack_options(args, "build")  # refused before any work
     repo = Repository(Path(args.repo), create=True)
     src = Path(args.src)
     if args.from_dump:
@@ -75,7 +76,6 @@ def run(args: argparse.Namespace) -> int:
         )
         tree, added, present = build_from_directory(src, repo, options)
     image = write_image(tree, min_version=args.min_version, max_version=args.max_version)
-    pack = pack_options(args, "build")
     if pack is not None:
         # Before the image is linked: a client that sees the image may look for its index.
         print(pack_summary(pack_tree(repo, digest_bytes(image), tree, pack)), file=sys.stderr)
