@@ -25,7 +25,7 @@ Example (every key optional except ``repositories``)::
       mountpoint: /var/lib/composefs-csi/mnt
       socket: /run/composefs-csi/dataplane.sock
       metrics_address: ":9810"
-      read_ahead_kb: 1024
+      read_ahead_kb: 16384              # KiB the kernel reads ahead within a file
       open_files: 1024
       readahead_files: 16               # next small files of a directory read file by file (0: off)
       mount_options: [ro, nosuid, nodev, allow_other]   # of the node-wide FUSE mount
@@ -103,7 +103,7 @@ class DataPlaneConfig:
     mountpoint: Path = Path("/var/lib/composefs-csi/mnt")
     socket: Path = Path("/run/composefs-csi/dataplane.sock")
     metrics_address: str = ":9810"
-    read_ahead_kb: int = 1024
+    read_ahead_kb: int = 16384
     open_files: int = 1024
     #: When a directory's files are read in turn, the next this many small files are read
     #: ahead (csi/fuse/readahead.py); 0 turns it off.
@@ -240,7 +240,13 @@ def config_from_dict(raw: object) -> DriverConfig:
         mountpoint=Path(dp.get("mountpoint", DataPlaneConfig.mountpoint)),
         socket=Path(dp.get("socket", DataPlaneConfig.socket)),
         metrics_address=str(dp.get("metrics_address", DataPlaneConfig.metrics_address)),
-        read_ahead_kb=int(_number(dp.get("read_ahead_kb", 1024), "dataplane.read_ahead_kb", lo=0)),
+        read_ahead_kb=int(
+            _number(
+                dp.get("read_ahead_kb", DataPlaneConfig.read_ahead_kb),
+                "dataplane.read_ahead_kb",
+                lo=0,
+            )
+        ),
         open_files=int(_number(dp.get("open_files", 1024), "dataplane.open_files", lo=16)),
         readahead_files=int(
             _number(dp.get("readahead_files", 16), "dataplane.readahead_files", lo=0, hi=256)
