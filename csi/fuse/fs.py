@@ -161,11 +161,12 @@ class DataPlaneFS(pyfuse3.Operations):
         super().__init__()
         self.objects = objects
         self.timeout = timeout
-        #: The next files of a directory read file by file (:mod:`csi.fuse.readahead`).
-        self.readahead = SiblingReadahead(readahead_files)
         #: Read by a patched pyfuse3: ``read`` and ``readdir`` get inode numbers.
         old_kernel = _kernel_version(os.uname().release) < _NO_OPENDIR_KERNEL
         self.inode_as_fh = kernel_opens and kernel_opens_supported() and not old_kernel
+        #: The next files of a directory read file by file (:mod:`csi.fuse.readahead`). Only
+        #: reads that name the inode can use it: with file handles it stays off.
+        self.readahead = SiblingReadahead(readahead_files if self.inode_as_fh else 0)
         metrics.KERNEL_OPENS.set(1 if self.inode_as_fh else 0)
         if self.inode_as_fh:
             log.info("the kernel opens files itself and caches their contents and listings")
