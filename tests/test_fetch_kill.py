@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from csi.image.fsverity import digest_bytes
 from csi.store import Store
-from tests.fetchkit import Fault, FaultProxy, World, serve_world, store_is_verified
+from tests.fetchkit import Fault, FaultProxy, World, object_rel, serve_world, store_is_verified
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +31,14 @@ def _temp_files(store: Path) -> list[Path]:
 
 def test_kill_during_fetch_then_refetch(world: World, tmp_path: Path) -> None:
     store_dir = tmp_path / "store"
-    with FaultProxy(world.port).running() as proxy:
-        # Object bodies stall after 2 MiB: the 3 MiB object is left mid-transfer, with more
-        # than the fetcher's 1 MiB hand-off already written to its temp file.
-        proxy.add(Fault("stall", match="/objects/", times=-1, after=2 << 20, seconds=60))
+    err_path = tmp_path / "pull.err"
+    with FaultProxy(world.port).running() as proxy, err_path.open("w") as err_out:
+        # The 3 MiB object's body stalls after 2 MiB: it is left mid-transfer, with more than
+        # the fetcher's 1 MiB hand-off already written to its temp file. Only that object
+        # stalls: a stall of every object would also hold the small ones one byte short, and
+        # when they fill every slot the big one is never requested.
+        big = object_rel(digest_bytes(world.files["app:v1"]["big"]))
+        proxy.add(Fault("stall", match=big, times=-1, after=2 << 20, seconds=60))
         url = f"http://127.0.0.1:{proxy.port}/"
         proc = subprocess.Popen(
             [
@@ -49,13 +54,16 @@ def test_kill_during_fetch_then_refetch(world: World, tmp_path: Path) -> None:
                 "--allow-plain-http",
             ],
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stderr=err_out,
         )
         try:
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline and not _temp_files(store_dir):
-                time.sleep(0.05)  # wait until some object is being written
-            assert _temp_files(store_dir), "the fetch never started writing an object"
+                if proc.poll() is not None:
+                    err = err_path.read_text()[-2000:]
+                    pytest.fail(f"the pull ended ({proc.returncode}) before the stall: {err}")
+                time.sleep(0.05)  # wait until the big object is being written
+            assert _temp_files(store_dir), "the fetch never started writing the big object"
         finally:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(30)
