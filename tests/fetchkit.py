@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from csi.image.fsverity import digest_file
+from csi.image.fsverity import digest_bytes, digest_file
 from csi.image.tree import Node, Tree, object_path
 from csi.image.writer import write_image
 from csi.repo import Repository
@@ -353,6 +353,11 @@ class World:
 
     def url(self, prefix: str = "") -> str:
         return f"http://127.0.0.1:{self.port}/{prefix}"
+
+    @property
+    def big_path(self) -> str:
+        """The URL path of app:v1's 3 MiB object (``big``), the one faults aim at."""
+        return "/" + object_rel(digest_bytes(self.files["app:v1"]["big"]))
 
 
 def make_files(

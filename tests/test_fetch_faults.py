@@ -71,11 +71,6 @@ def client(
     return RepositoryClient(cfg, sleep=sleeps if sleeps is not None else Sleeps())
 
 
-def big_path(world: World) -> str:
-    h = digest_bytes(world.files["app:v1"][BIG]).hex()
-    return f"/objects/{h[:2]}/{h[2:]}"
-
-
 def metric(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
@@ -99,13 +94,13 @@ def assert_complete(store: Store, world: World, ref: str = "app:v1") -> None:
 def test_transient_faults_recover(
     world: World, proxy: FaultProxy, tmp_path: Path, fault: Fault
 ) -> None:
-    fault.match = big_path(world)
+    fault.match = world.big_path
     proxy.add(fault)
     store = Store(tmp_path / "s")
     with client(f"http://127.0.0.1:{proxy.port}/") as c:
         res = c.fetch_image("app:v1", store)
     assert res.objects_fetched == res.objects_total
-    assert proxy.requests[big_path(world)] == fault.times + 1
+    assert proxy.requests[world.big_path] == fault.times + 1
     assert_complete(store, world)
 
 
@@ -120,8 +115,8 @@ def test_every_request_failing_once(world: World, proxy: FaultProxy, tmp_path: P
 
 
 def test_429_honours_retry_after(world: World, proxy: FaultProxy, tmp_path: Path) -> None:
-    proxy.add(Fault("status", status=429, retry_after="2", match=big_path(world)))
-    proxy.add(Fault("status", status=503, retry_after="900", match=big_path(world)))
+    proxy.add(Fault("status", status=429, retry_after="2", match=world.big_path))
+    proxy.add(Fault("status", status=503, retry_after="900", match=world.big_path))
     sleeps = Sleeps()
     before = metric("composefs_csi_fetch_retries_total", repository="faulty", reason="http_429")
     store = Store(tmp_path / "s")
@@ -140,11 +135,11 @@ def test_retry_after_forms(world: World, proxy: FaultProxy, tmp_path: Path) -> N
     soon = email.utils.format_datetime(
         datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=30), usegmt=True
     )
-    proxy.add(Fault("status", status=503, retry_after=soon, match=big_path(world)))
-    proxy.add(Fault("status", status=503, retry_after="soon", match=big_path(world)))
+    proxy.add(Fault("status", status=503, retry_after=soon, match=world.big_path))
+    proxy.add(Fault("status", status=503, retry_after="soon", match=world.big_path))
     proxy.add(
         Fault(
-            "status", status=503, retry_after="Wed, 21 Oct 2015 07:28:00 GMT", match=big_path(world)
+            "status", status=503, retry_after="Wed, 21 Oct 2015 07:28:00 GMT", match=world.big_path
         )
     )
     sleeps = Sleeps()
@@ -160,7 +155,7 @@ def test_retry_after_forms(world: World, proxy: FaultProxy, tmp_path: Path) -> N
 def test_persistent_5xx_gives_up_after_max_attempts(
     world: World, proxy: FaultProxy, tmp_path: Path
 ) -> None:
-    proxy.add(Fault("status", status=500, match=big_path(world), times=-1))
+    proxy.add(Fault("status", status=500, match=world.big_path, times=-1))
     store = Store(tmp_path / "s")
     sleeps = Sleeps()
     with (
@@ -168,10 +163,10 @@ def test_persistent_5xx_gives_up_after_max_attempts(
         pytest.raises(Unreachable) as ei,
     ):
         c.fetch_image("app:v1", store)
-    assert proxy.requests[big_path(world)] == 3
+    assert proxy.requests[world.big_path] == 3
     assert len([s for s in sleeps if s <= 0.05]) >= 2
     msg = str(ei.value)
-    assert "repository 'faulty'" in msg and big_path(world)[9:].replace("/", "") in msg
+    assert "repository 'faulty'" in msg and world.big_path[9:].replace("/", "") in msg
     assert "HTTP 500" in msg and ei.value.code == "UNAVAILABLE"
     assert not store.has_object(digest_bytes(world.files["app:v1"][BIG]))
     store_is_verified(store.root)
@@ -183,18 +178,18 @@ def test_persistent_5xx_gives_up_after_max_attempts(
 def test_4xx_is_not_retried(
     world: World, proxy: FaultProxy, tmp_path: Path, status: int, exc: type[Exception]
 ) -> None:
-    proxy.add(Fault("status", status=status, match=big_path(world), times=-1))
+    proxy.add(Fault("status", status=status, match=world.big_path, times=-1))
     store = Store(tmp_path / "s")
     with client(f"http://127.0.0.1:{proxy.port}/") as c, pytest.raises(exc) as ei:
         c.fetch_image("app:v1", store)
-    assert proxy.requests[big_path(world)] == 1
+    assert proxy.requests[world.big_path] == 1
     assert f"HTTP {status}" in str(ei.value)
     store_is_verified(store.root)
 
 
 def test_flipped_bytes_are_never_stored(world: World, proxy: FaultProxy, tmp_path: Path) -> None:
     d = digest_bytes(world.files["app:v1"][BIG])
-    proxy.add(Fault("flip", match=big_path(world), times=-1))
+    proxy.add(Fault("flip", match=world.big_path, times=-1))
     before = metric("composefs_csi_fetch_digest_mismatches_total", repository="faulty")
     store = Store(tmp_path / "s")
     with client(f"http://127.0.0.1:{proxy.port}/", attempts=3) as c, pytest.raises(Corrupt) as ei:
@@ -239,12 +234,12 @@ def test_flipped_image_bytes(world: World, proxy: FaultProxy, tmp_path: Path) ->
 def test_stall_hits_read_timeout_then_recovers(
     world: World, proxy: FaultProxy, tmp_path: Path
 ) -> None:
-    proxy.add(Fault("stall", match=big_path(world), after=1 << 20, seconds=30))
+    proxy.add(Fault("stall", match=world.big_path, after=1 << 20, seconds=30))
     store = Store(tmp_path / "s")
     before = metric("composefs_csi_fetch_retries_total", repository="faulty", reason="timeout")
     with client(f"http://127.0.0.1:{proxy.port}/", read=1) as c:
         c.fetch_image("app:v1", store)
-    assert proxy.requests[big_path(world)] == 2
+    assert proxy.requests[world.big_path] == 2
     assert (
         metric("composefs_csi_fetch_retries_total", repository="faulty", reason="timeout")
         == before + 1
@@ -253,7 +248,7 @@ def test_stall_hits_read_timeout_then_recovers(
 
 
 def test_whole_object_timeout(world: World, proxy: FaultProxy, tmp_path: Path) -> None:
-    proxy.add(Fault("stall", match=big_path(world), after=1 << 20, seconds=30, times=-1))
+    proxy.add(Fault("stall", match=world.big_path, after=1 << 20, seconds=30, times=-1))
     store = Store(tmp_path / "s")
     with (
         client(f"http://127.0.0.1:{proxy.port}/", attempts=2, total=1.5) as c,
@@ -261,7 +256,7 @@ def test_whole_object_timeout(world: World, proxy: FaultProxy, tmp_path: Path) -
     ):
         c.fetch_image("app:v1", store)
     assert "timed out" in str(ei.value) and ei.value.code == "DEADLINE_EXCEEDED"
-    assert proxy.requests[big_path(world)] == 2
+    assert proxy.requests[world.big_path] == 2
     store_is_verified(store.root)
 
 

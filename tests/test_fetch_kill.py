@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from csi.image.fsverity import digest_bytes
 from csi.store import Store
-from tests.fetchkit import Fault, FaultProxy, World, object_rel, serve_world, store_is_verified
+from tests.fetchkit import Fault, FaultProxy, World, serve_world, store_is_verified
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +36,7 @@ def test_kill_during_fetch_then_refetch(world: World, tmp_path: Path) -> None:
         # the fetcher's 1 MiB hand-off already written to its temp file. Only that object
         # stalls: a stall of every object would also hold the small ones one byte short, and
         # when they fill every slot the big one is never requested.
-        big = object_rel(digest_bytes(world.files["app:v1"]["big"]))
-        proxy.add(Fault("stall", match=big, times=-1, after=2 << 20, seconds=60))
+        proxy.add(Fault("stall", match=world.big_path, times=-1, after=2 << 20, seconds=60))
         url = f"http://127.0.0.1:{proxy.port}/"
         proc = subprocess.Popen(
             [

@@ -69,11 +69,6 @@ def client(
     return RepositoryClient(cfg, sleep=lambda s: None)
 
 
-def big_path(world: World) -> str:
-    h = digest_bytes(world.files["app:v1"]["big"]).hex()
-    return f"/objects/{h[:2]}/{h[2:]}"
-
-
 def complete(store: Store, world: World, ref: str = "app:v1") -> None:
     assert store.missing_objects(world.images[ref]) == set()
     store_is_verified(store.root)
@@ -86,7 +81,7 @@ def test_the_proxy_carries_bytes_intact_and_counts_them(world: World, tmp_path: 
     with LatencyProxy(world.port, RTT) as p:
         out = tmp_path / "big"
         subprocess.run(
-            ["curl", "-sf", "-o", str(out), p.url(big_path(world).lstrip("/"))], check=True
+            ["curl", "-sf", "-o", str(out), p.url(world.big_path.lstrip("/"))], check=True
         )
     assert out.read_bytes() == world.files["app:v1"]["big"]
     assert p.bytes_down > len(world.files["app:v1"]["big"]) and p.bytes_up > 0
@@ -147,7 +142,7 @@ def test_retries_through_latency(
             c.bulk_min_objects = 1
         res = c.fetch_image("app:v1", store)
     assert res.objects_fetched == res.objects_total
-    assert faults.requests[big_path(world)] == 4  # three failures, then the object
+    assert faults.requests[world.big_path] == 4  # three failures, then the object
     complete(store, world)
 
 
@@ -165,14 +160,14 @@ def test_mirrors_through_latency(world: World, tmp_path: Path) -> None:
 def test_timeouts_through_latency(
     world: World, faults: FaultProxy, slow: LatencyProxy, tmp_path: Path
 ) -> None:
-    faults.add(Fault("stall", match=big_path(world), after=1000, seconds=30, times=-1))
+    faults.add(Fault("stall", match=world.big_path, after=1000, seconds=30, times=-1))
     store = Store(tmp_path / "s")
     with client(slow.url(), attempts=2, read=0.5) as c, pytest.raises(TimedOut):
         c.fetch_image("app:v1", store)
     assert not store.has_object(digest_bytes(world.files["app:v1"]["big"]))
     store_is_verified(store.root)
     faults.clear()
-    faults.add(Fault("stall", match=big_path(world), after=1000, seconds=30, times=1))
+    faults.add(Fault("stall", match=world.big_path, after=1000, seconds=30, times=1))
     with client(slow.url(), attempts=3, read=0.5) as c:
         c.fetch_image("app:v1", store)  # the second attempt gets through
     complete(store, world)
@@ -181,7 +176,7 @@ def test_timeouts_through_latency(
 def test_verification_through_latency(
     world: World, faults: FaultProxy, slow: LatencyProxy, tmp_path: Path
 ) -> None:
-    faults.add(Fault("flip", match=big_path(world), times=-1))
+    faults.add(Fault("flip", match=world.big_path, times=-1))
     store = Store(tmp_path / "s")
     with client(slow.url(), attempts=3) as c, pytest.raises(Corrupt):
         c.fetch_image("app:v1", store)
