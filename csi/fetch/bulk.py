@@ -8,10 +8,15 @@ worker processes. A worker downloads each object exactly as an in-process downlo
 same mirrors, retries, limits and checks: :meth:`csi.fetch.download.Downloader.download`), into
 a temp file
 of the store named after the parent process (so the store's cleaner leaves it alone while the
-parent lives, and removes it once the parent is gone), and returns what it wrote. The parent
-then has the store adopt the files: one filesystem sync per group, then their names and their
-rows (:meth:`csi.store.Store.adopt`). Counters a worker moved are carried back and added to
-the parent's metrics.
+parent lives, and removes it once the parent is gone). Then, still in the worker, it makes the
+chunk's files durable (one filesystem sync, then each file's writeback error), enables
+fs-verity where the filesystem has it, and names them in the store's ``objects/``: all under
+the parent's claim (:meth:`csi.store.Store.claim`), so nobody else writes them meanwhile. The
+parent then only records their rows (:meth:`csi.store.Store.record_named`). Done in the parent,
+these ten-odd system calls per object made it the serial part of a big fetch, its threads
+passing the GIL at every call (docs/benchmarks.md). An object named but not yet recorded
+when a process dies is durable, and recorded at the store's next recovery. Counters a worker
+moved are carried back and added to the parent's metrics.
 
 A worker that runs out of space reports it; the parent fetches that object again in-process,
 where a full store triggers garbage collection.
@@ -37,8 +42,12 @@ from typing import NamedTuple
 from prometheus_client import Counter
 
 from csi.image.fsverity import register_idle_thread
+from csi.repo import layout
+from csi.repo.batch import make_durable
 from csi.repo.tmpfiles import WORKER_TEMP_SUFFIX, TempFile, pid_alive
+from csi.repo.verity import UNSUPPORTED_ERRNOS, enable_verity
 from csi.store import DigestMismatch, ObjectWriter, StoreFull
+from csi.store.writer import NO_SPACE_ERRNOS
 
 from . import errors
 from . import metrics as m
@@ -65,13 +74,24 @@ CounterDelta = list[tuple[str, dict[str, str], float]]
 
 
 class Written(NamedTuple):
-    """An object a worker wrote and verified: ``path`` holds exactly its ``size`` bytes.
-    (A named tuple: thousands cross from the workers per fetch, and tuples pickle fastest.)"""
+    """An object a worker wrote and verified: ``path`` holds exactly its ``size`` bytes."""
 
     digest: bytes
     path: str
     size: int
     received: int
+
+
+class Named(NamedTuple):
+    """An object a worker wrote, verified, made durable and named in the store: ``new`` if
+    this worker named it, False if it was there already. (A named tuple: thousands cross
+    from the workers per fetch, and tuples pickle fastest.)"""
+
+    digest: bytes
+    size: int
+    received: int
+    new: bool
+    verity: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +114,7 @@ class Failed:
         return e
 
 
-ChunkResult = tuple[list[Written | Failed], CounterDelta]
+ChunkResult = tuple[list[Named | Failed], CounterDelta]
 
 
 class _TempObject:
@@ -246,9 +266,14 @@ def _fetch_chunk(
     tmpdir: str,
     tag: str,
     items: list[tuple[bytes, int | None]],
-    ranges: list[RangeJob] | None = None,
+    ranges: list[RangeJob] | None,
+    repo_root: str,
+    fsync: bool,
+    verity: bool,
 ) -> ChunkResult:
-    """Worker: fetch ``items`` (digest, size) into temp files under ``tmpdir``.
+    """Worker: fetch ``items`` (digest, size) into temp files under ``tmpdir``, then make
+    them durable (``fsync``: the store syncs its writes) and name them under ``repo_root``,
+    the store's repository, with fs-verity if ``verity`` (:func:`_name_written`).
 
     From an HTTP(S) repository the first attempt at each object is one of up to ``_parallel``
     requests run together (:meth:`HttpSource.get_many`): one sleep and wake-up for several
@@ -272,13 +297,72 @@ def _fetch_chunk(
         again = [(d, size, None, 0) for d, size in items]
     for digest, size, prior, got in again:
         results[digest] = _fetch_one(downloader, tmpdir, tag, digest, size, prior, got)
+    named = _name_written([results[d] for d, _ in items], tmpdir, repo_root, fsync, verity)
     after = _counters()
     delta: CounterDelta = [
         (key, dict(labels), v - before.get((key, labels), 0.0))
         for (key, labels), v in after.items()
         if v != before.get((key, labels), 0.0)
     ]
-    return [results[d] for d, _ in items], delta
+    return named, delta
+
+
+#: Whether this worker's filesystem enables fs-verity (None: not known yet).
+_verity: bool | None = None
+
+
+def _name_written(
+    results: list[Written | Failed], tmpdir: str, repo_root: str, fsync: bool, verity: bool
+) -> list[Named | Failed]:
+    """Make the written files durable (one ``syncfs`` for all, then each file's writeback
+    error), enable fs-verity where the filesystem has it, and rename each into
+    ``repo_root``'s ``objects/`` unless the object is there already; as the store names the
+    objects it writes itself (:meth:`csi.store.Store.ensure`). A file that fails is removed
+    and reported (``no_space`` for a full disk: the parent fetches it again in-process)."""
+    global _verity
+    out: list[Named | Failed] = list(results)  # type: ignore[arg-type]  # Written replaced below
+    todo: list[tuple[int, Written, TempFile]] = []
+    for i, r in enumerate(results):
+        if not isinstance(r, Written):
+            continue
+        try:
+            fd = os.open(r.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.unlink(r.path)
+            out[i] = _failed_naming(r, e)
+            continue
+        todo.append((i, r, TempFile(r.path, -1, fd)))
+    temps = [t for _, _, t in todo]
+    durable = make_durable(Path(tmpdir), temps) if fsync else [None] * len(temps)
+    for (i, r, tmp), err in zip(todo, durable, strict=True):
+        if err is not None:
+            tmp.discard()
+            out[i] = _failed_naming(r, err)
+            continue
+        enabled = False
+        if verity and _verity is not False:
+            code = enable_verity(tmp.lock_fd)
+            enabled = code == 0
+            if enabled:
+                _verity = True
+            elif code in UNSUPPORTED_ERRNOS and _verity is None:
+                _verity = False
+        try:
+            new = tmp.publish(f"{repo_root}/{layout.object_relpath(r.digest)}")
+        except OSError as e:
+            tmp.discard()
+            out[i] = _failed_naming(r, e)
+            continue
+        out[i] = Named(r.digest, r.size, r.received, new, enabled and new)
+    return out
+
+
+def _failed_naming(r: Written, e: OSError) -> Failed:
+    subject = f"object {r.digest.hex()}"
+    if e.errno in NO_SPACE_ERRNOS:
+        return Failed(r.digest, "no_space", f"storing {subject}: {e}", subject, r.received)
+    return Failed(r.digest, "FetchError", f"storing {subject}: {e}", subject, r.received)
 
 
 _Again = tuple[bytes, int | None, SourceError | None, int]
@@ -549,10 +633,16 @@ class BulkPool:
         owner: str,
         items: list[tuple[bytes, int | None]],
         ranges: list[RangeJob] | None = None,
+        *,
+        repo_root: Path,
+        fsync: bool = True,
+        verity: bool = True,
     ) -> ChunkResult:
-        """Fetch ``items`` in a worker (blocks until done); apply its counters here. The
-        worker's temp files in ``tmpdir`` are marked with ``owner``, this process's owner id
-        in that temp area (:meth:`csi.repo.tmpfiles.TempArea.owner`): in use while it lives.
+        """Fetch ``items`` in a worker and name them in the store whose repository is
+        ``repo_root`` (blocks until done; the caller holds their claim); apply its counters
+        here. The worker's temp files in ``tmpdir`` are marked with ``owner``, this process's
+        owner id in that temp area (:meth:`csi.repo.tmpfiles.TempArea.owner`): in use while
+        it lives.
 
         A worker that dies (killed, out of memory) breaks its pool: this call raises, and
         the next one starts new workers. ``ranges``: take the items out of these pack
@@ -560,7 +650,9 @@ class BulkPool:
         """
         pool = self._executor()
         try:
-            results, delta = pool.submit(_fetch_chunk, str(tmpdir), owner, items, ranges).result()
+            results, delta = pool.submit(
+                _fetch_chunk, str(tmpdir), owner, items, ranges, str(repo_root), fsync, verity
+            ).result()
         except BrokenProcessPool:
             with self._lock:
                 if self._pool is pool:

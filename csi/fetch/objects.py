@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as futures_wait
 
 from csi.repo.packs import PackIndex
 from csi.store import Store, is_no_space
@@ -111,11 +110,11 @@ class ObjectFetcher:
                 f"(first: {unsized[0].hex()}); the image that lists them could not be read",
                 repository=self.name,
             )
-        mine: dict[Future[Outcome], tuple[bytes, Task, bool]] = {}
+        mine: dict[Task, tuple[bytes, bool]] = {}
         new: list[tuple[bytes, Task]] = []
         for d in sorted(missing):
             task, created = self.tasks.register(store, d, sizes.get(d), prog)
-            mine[task.future] = (d, task, created)
+            mine[task] = (d, created)
             if created:
                 new.append((d, task))
         if self.uses_bulk(len(new)):
@@ -127,23 +126,27 @@ class ObjectFetcher:
         # thread that ends it; this thread waits for the last one, or for the first error.
         mu = threading.Lock()
         finished = threading.Event()
-        left = len(mine)
+        all_ended = threading.Event()
+        left = unended = len(mine)
         fetched = shared = received = 0
         error: BaseException | None = None
-        over = False  # set once this thread has taken the result: later callbacks do nothing
+        over = False  # set once this thread has taken the result: later callbacks only count
 
-        def ended(f: Future[Outcome]) -> None:
-            nonlocal left, fetched, shared, received, error
-            d, _task, created = mine[f]
-            exc = f.exception()
+        def ended(t: Task) -> None:
+            nonlocal left, unended, fetched, shared, received, error
+            d, created = mine[t]
+            exc = t.error
             with mu:
+                unended -= 1
+                if not unended:
+                    all_ended.set()
                 if over:
                     return
                 if exc is not None:
                     error = error or exc
                     finished.set()
                     return
-                stored, got = f.result()
+                stored, got = t.result
                 mine_now = created and stored
                 if mine_now:
                     fetched += 1
@@ -156,21 +159,21 @@ class ObjectFetcher:
                     finished.set()
             prog.object_done(sizes.get(d, 0), fetched=mine_now)
 
-        for f in mine:
-            f.add_done_callback(ended)
+        for t in mine:
+            t.add_done_callback(ended)
         finished.wait()
         with mu:
             over = True
             failed = error
         if failed is not None:
             with self.tasks.mu:
-                for f, (_, task, _) in mine.items():
-                    if not f.done():
-                        task.interest -= 1
+                for t in mine:
+                    if not t.done():
+                        t.interest -= 1
             # Downloads already running go on to their end (those nobody wants any more are
             # skipped when they would start). Wait for them: the caller's pin must cover
             # them, or the room they make on a full disk (GC) could be this very image.
-            futures_wait(mine)
+            all_ended.wait()
             raise failed
         return fetched, shared, received
 
@@ -178,7 +181,7 @@ class ObjectFetcher:
 
     def _start(self, store: Store, digest: bytes, task: Task) -> None:
         fut = self._pool.submit(self._object_task, store, digest, task)
-        fut.add_done_callback(lambda f: chain(f, task.future))
+        fut.add_done_callback(lambda f: chain(f, task))
 
     def _object_task(self, store: Store, digest: bytes, task: Task) -> Outcome:
         h = digest.hex()
@@ -301,7 +304,7 @@ class ObjectFetcher:
                 subject=f"object {d.hex()}",
             )
             self.tasks.settle(store, d, task, error=error)
-        chunk = [(d, t) for d, t in chunk if not t.future.done()]
+        chunk = [(d, t) for d, t in chunk if not t.done()]
         tasks = dict(chunk)
         with store.claim(tasks) as mine:
             for d in tasks.keys() - mine:
@@ -310,7 +313,7 @@ class ObjectFetcher:
             if mine:
                 self._bulk_claimed(store, [(d, tasks[d]) for d in tasks if d in mine], ranges)
         for d, task in chunk:  # claimed elsewhere: wait for it (or write it) here
-            if not task.future.done():
+            if not task.done():
                 self._finish_in_process(store, d, task)
 
     def _bulk_claimed(
@@ -324,6 +327,9 @@ class ObjectFetcher:
                 store.repo.tmp.owner(),
                 [(d, t.size) for d, t in chunk],
                 ranges,
+                repo_root=store.repo.root,
+                fsync=store.syncs_writes,
+                verity=store.tries_verity,
             )
         except Exception as e:  # the worker died, or could not start: the caller retries
             log.warning(
@@ -333,32 +339,32 @@ class ObjectFetcher:
                 len(chunk),
             )
             return
-        written = [r for r in results if isinstance(r, bulk.Written)]
+        named = [r for r in results if isinstance(r, bulk.Named)]
+        error: BaseException | None = None
         try:
-            outcomes: list[bool | BaseException] = list(
-                store.adopt([(w.digest, w.path, w.size) for w in written])
-            )
-        except BaseException as e:
-            outcomes = [e] * len(written)
+            store.record_named([(n.digest, n.size, n.verity) for n in named if n.new])
+        except BaseException as e:  # their files were removed again: they are errors
+            error = e
         received: dict[FetchProgress, int] = {}  # told once per fetch, not once per object
-        for w in written:
-            p = tasks[w.digest].progress
-            received[p] = received.get(p, 0) + w.received
-        for p, n in received.items():
-            p.downloaded(n)
-        for w, outcome in zip(written, outcomes, strict=True):
-            task = tasks[w.digest]
-            if isinstance(outcome, BaseException) and is_no_space(outcome):
-                # Left unsettled: fetched again in-process, where the store can make room.
-                log.info(
-                    "repository %r: store full adopting %s; fetching it in-process",
-                    self.name,
-                    w.digest.hex(),
-                )
-            elif isinstance(outcome, BaseException):
-                self.tasks.settle(store, w.digest, task, error=outcome)
+        for n in named:
+            p = tasks[n.digest].progress
+            received[p] = received.get(p, 0) + n.received
+        for p, k in received.items():
+            p.downloaded(k)
+        for n in named:
+            task = tasks[n.digest]
+            if error is not None and n.new:
+                if is_no_space(error):
+                    # Left unsettled: fetched again in-process, where the store can make room.
+                    log.info(
+                        "repository %r: store full recording %s; fetching it in-process",
+                        self.name,
+                        n.digest.hex(),
+                    )
+                else:
+                    self.tasks.settle(store, n.digest, task, error=error)
             else:
-                self.tasks.settle(store, w.digest, task, result=(outcome, w.received))
+                self.tasks.settle(store, n.digest, task, result=(n.new, n.received))
         for r in results:
             if not isinstance(r, bulk.Failed):
                 continue

@@ -8,11 +8,15 @@ wanted it failed) is skipped when it would start.
 
 from __future__ import annotations
 
+import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 
 from .errors import FetchError
 from .progress import FetchProgress
+
+log = logging.getLogger(__name__)
 
 #: What a finished task gives: (stored by this task, bytes it received).
 Outcome = tuple[bool, int]
@@ -25,15 +29,74 @@ class Cancelled(FetchError):
 
 
 class Task:
-    """One object download shared by the fetches that want it."""
+    """One object download shared by the fetches that want it. It ends once, with an outcome
+    or an error (:meth:`end`), and then calls the callbacks of the fetches waiting for it.
 
-    __slots__ = ("future", "interest", "progress", "size")
+    Not a ``concurrent.futures.Future``: a big fetch makes one task per object, and a future
+    with its condition, lock and lists is about a dozen objects for the cyclic GC to scan;
+    over 100k objects the GC's full passes cost the fetching process seconds
+    (docs/benchmarks.md)."""
+
+    __slots__ = ("_callbacks", "_done", "_error", "_result", "interest", "progress", "size")
 
     def __init__(self, size: int | None, progress: FetchProgress) -> None:
-        self.future: Future[Outcome] = Future()
         self.interest = 1
         self.size = size
         self.progress = progress
+        self._done = False
+        self._result: Outcome | None = None
+        self._error: BaseException | None = None
+        self._callbacks: list[Callable[[Task], None]] | None = None
+
+    def done(self) -> bool:
+        return self._done
+
+    @property
+    def error(self) -> BaseException | None:
+        """The error it ended with (None while running, or if it succeeded)."""
+        return self._error
+
+    @property
+    def result(self) -> Outcome:
+        """The outcome it ended with; raises its error, or if it has not ended."""
+        if self._error is not None:
+            raise self._error
+        if self._result is None:
+            raise RuntimeError("the task has not ended")
+        return self._result
+
+    def add_done_callback(self, fn: Callable[[Task], None]) -> None:
+        """Call ``fn(task)`` once the task has ended (now, if it has)."""
+        with _mu:
+            if not self._done:
+                if self._callbacks is None:
+                    self._callbacks = [fn]
+                else:
+                    self._callbacks.append(fn)
+                return
+        fn(self)
+
+    def end(self, result: Outcome | None = None, error: BaseException | None = None) -> bool:
+        """End with ``result`` or ``error`` and call the callbacks; False (and nothing done)
+        if it had ended already."""
+        if error is None and result is None:
+            raise ValueError("a task ends with a result or an error")
+        with _mu:
+            if self._done:
+                return False
+            self._done = True
+            self._result, self._error = result, error
+            callbacks, self._callbacks = self._callbacks, None
+        for fn in callbacks or ():
+            try:
+                fn(self)
+            except Exception:  # as a Future does: one waiter's bug does not stop the others
+                log.exception("callback of a download task failed")
+        return True
+
+
+#: Guards every task's end and callbacks (held for a few instructions at a time).
+_mu = threading.Lock()
 
 
 class TaskTable:
@@ -75,22 +138,20 @@ class TaskTable:
         with self.mu:
             if self.inflight.get((id(store), digest)) is task:
                 del self.inflight[(id(store), digest)]
-        if task.future.done():
-            return
         if error is not None:
-            task.future.set_exception(error)
+            task.end(error=error)
         else:
             assert result is not None
-            task.future.set_result(result)
+            task.end(result=result)
 
 
-def chain(src: Future[Outcome], dst: Future[Outcome]) -> None:
-    """Pass the outcome of ``src`` (a pool job) on to ``dst`` (a task's future)."""
+def chain(src: Future[Outcome], dst: Task) -> None:
+    """End ``dst`` with the outcome of ``src`` (a pool job)."""
     if src.cancelled():
-        dst.set_exception(Cancelled("the client was closed"))
+        dst.end(error=Cancelled("the client was closed"))
         return
     exc = src.exception()
     if exc is not None:
-        dst.set_exception(exc)
+        dst.end(error=exc)
     else:
-        dst.set_result(src.result())
+        dst.end(result=src.result())

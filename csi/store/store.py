@@ -206,6 +206,17 @@ class Store:
         m.LEASES.set(u.lease_holders)
         m.LEASED_IMAGES.set(u.leased_images)
 
+    @property
+    def syncs_writes(self) -> bool:
+        """Whether objects are made durable before they are named (see ``fsync``)."""
+        return self._fsync
+
+    @property
+    def tries_verity(self) -> bool:
+        """Whether fs-verity is to be enabled on new objects (not turned off, and not found
+        unsupported here)."""
+        return self._verity_supported is not False
+
     # -- queries ---------------------------------------------------------------------------
 
     def has_object(self, digest: bytes) -> bool:
@@ -384,14 +395,19 @@ class Store:
         wanted = list(digests)
         for d in wanted:
             layout.check_digest(d)
-        mine: dict[bytes, _Flight] = {}
+        # One flight for all of them: the claims end together (and one object with its
+        # locks and lists per digest was, over a 100k-object fetch, work for the cyclic GC).
+        flight = _Flight()
+        mine: list[bytes] = []
         with self._flights_mu:
+            flights = self._flights
             for d in wanted:
-                if d not in self._flights:
-                    mine[d] = self._flights[d] = _Flight()
+                if d not in flights:
+                    flights[d] = flight
+                    mine.append(d)
         fds: list[int] = []
         try:
-            fds, locked = self.repo.tmp.key_locks.try_hold_many(list(mine))
+            fds, locked = self.repo.tmp.key_locks.try_hold_many(mine)
             # Present objects are left out here, once locked (the caller usually asks for
             # objects it has just found missing, so looking before would mostly look twice).
             held = {d for d in locked if not self.repo.has_object(d)}
@@ -401,55 +417,36 @@ class Store:
             with self._flights_mu:
                 for d in mine:
                     del self._flights[d]
-            for f in mine.values():
-                f.done.set()
+            flight.done.set()
 
-    def adopt(
-        self, files: Sequence[tuple[bytes, str | os.PathLike[str], int]]
-    ) -> list[bool | BaseException]:
-        """Take over object files written and verified by our own worker processes.
-
-        ``files``: (digest, temp file in this store's temp area, size), written through the
-        page cache (their writeback errors are checked); the caller holds their
-        :meth:`claim`. Each is made durable, named and recorded as :meth:`ensure` would (one
-        flush for all of them). Per file: True if named now, False if the object was already
-        there, or the error; a file not named is removed.
-        """
-        out: list[bool | BaseException] = [False] * len(files)
-        todo: list[tuple[int, _Pending]] = []
-        for i, (digest, path, size) in enumerate(files):
-            try:
-                layout.check_digest(digest)
-                lock_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            except (OSError, ValueError) as e:
+    def record_named(self, rows: Sequence[tuple[bytes, int, bool]]) -> None:
+        """Record objects our worker processes named in ``objects/`` themselves, made durable
+        first, under the caller's :meth:`claim`: (digest, size, fs-verity enabled). If the
+        rows cannot be written, the files are removed again (state and disk stay in step) and
+        the error raised. (A process killed in between leaves named objects without rows:
+        durable, and recorded by the next recovery.)"""
+        if not rows:
+            return
+        for d, _, _ in rows:
+            layout.check_digest(d)
+        try:
+            with self._lock(exclusive=False), self.db.tx() as cur:
+                self.db.record_objects(cur, [(d, size, "object", v) for d, size, v in rows])
+        except BaseException:
+            for d, _, _ in rows:
                 with contextlib.suppress(OSError):
-                    os.unlink(path)
-                out[i] = e
-                continue
-            # (an object already present is found at publish(), which then discards the file;
-            # under the caller's claim nobody else writes it meanwhile)
-            tmp = TempFile(path, -1, lock_fd)
-            verity = self._try_verity(lock_fd)
-            todo.append((i, _Pending(digest, tmp, "object", size, verity, None)))
-        errors = self._group.submit_all([p for _, p in todo])
-        added = added_bytes = with_verity = 0  # counted once per call, not once per object
-        for (i, p), err in zip(todo, errors, strict=True):
-            if err is not None:
-                p.tmp.discard()
-                out[i] = err
-                continue
-            out[i] = p.published
-            if p.published:
-                added += 1
-                added_bytes += p.size
-                with_verity += p.verity
-        if added:
-            m.OBJECTS_ADDED.inc(added)
-            m.BYTES_ADDED.inc(added_bytes)
-            if with_verity:
-                m.VERITY_ENABLED.inc(with_verity)
-            self._after_insert()
-        return out
+                    os.unlink(self.repo.object_file(d))
+            raise
+        m.OBJECTS_ADDED.inc(len(rows))
+        m.BYTES_ADDED.inc(sum(size for _, size, _ in rows))
+        with_verity = sum(1 for _, _, v in rows if v)
+        if with_verity:
+            m.VERITY_ENABLED.inc(with_verity)
+        total, files = self.db.totals()
+        self._used = total
+        m.STORE_BYTES.set(total)
+        m.STORE_OBJECTS.set(files)
+        self._after_insert()
 
     def _commit_group(self, items: list[_Pending]) -> list[BaseException | None]:
         """Flush leader: make ``items`` durable, name them, record them in one transaction."""
