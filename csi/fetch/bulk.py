@@ -320,7 +320,7 @@ def _name_written(
     objects it writes itself (:meth:`csi.store.Store.ensure`). A file that fails is removed
     and reported (``no_space`` for a full disk: the parent fetches it again in-process)."""
     global _verity
-    out: list[Named | Failed] = list(results)  # type: ignore[arg-type]  # Written replaced below
+    done: dict[int, Named | Failed] = {}  # for each Written, by its index in ``results``
     todo: list[tuple[int, Written, TempFile]] = []
     for i, r in enumerate(results):
         if not isinstance(r, Written):
@@ -330,32 +330,37 @@ def _name_written(
         except OSError as e:
             with contextlib.suppress(OSError):
                 os.unlink(r.path)
-            out[i] = _failed_naming(r, e)
+            done[i] = _failed_naming(r, e)
             continue
         todo.append((i, r, TempFile(r.path, -1, fd)))
-    temps = [t for _, _, t in todo]
-    durable = make_durable(Path(tmpdir), temps) if fsync else [None] * len(temps)
-    for (i, r, tmp), err in zip(todo, durable, strict=True):
-        if err is not None:
-            tmp.discard()
-            out[i] = _failed_naming(r, err)
-            continue
-        enabled = False
-        if verity and _verity is not False:
-            code = enable_verity(tmp.lock_fd)
-            enabled = code == 0
-            if enabled:
-                _verity = True
-            elif code in UNSUPPORTED_ERRNOS and _verity is None:
-                _verity = False
-        try:
-            new = tmp.publish(f"{repo_root}/{layout.object_relpath(r.digest)}")
-        except OSError as e:
-            tmp.discard()
-            out[i] = _failed_naming(r, e)
-            continue
-        out[i] = Named(r.digest, r.size, r.received, new, enabled and new)
-    return out
+    try:
+        temps = [t for _, _, t in todo]
+        durable = make_durable(Path(tmpdir), temps) if fsync else [None] * len(temps)
+        for (i, r, tmp), err in zip(todo, durable, strict=True):
+            if err is not None:
+                tmp.discard()
+                done[i] = _failed_naming(r, err)
+                continue
+            enabled = False
+            if verity and _verity is not False:
+                code = enable_verity(tmp.lock_fd)
+                enabled = code == 0
+                if enabled:
+                    _verity = True
+                elif code in UNSUPPORTED_ERRNOS and _verity is None:
+                    _verity = False
+            try:
+                new = tmp.publish(f"{repo_root}/{layout.object_relpath(r.digest)}")
+            except OSError as e:
+                tmp.discard()
+                done[i] = _failed_naming(r, e)
+                continue
+            done[i] = Named(r.digest, r.size, r.received, new, enabled and new)
+    finally:
+        for i, _, tmp in todo:  # an unexpected error above: nothing half-named stays behind
+            if i not in done:
+                tmp.discard()
+    return [r if isinstance(r, Failed) else done[i] for i, r in enumerate(results)]
 
 
 def _failed_naming(r: Written, e: OSError) -> Failed:
