@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from csi.image.tree import S_IFDIR, Node, Tree, object_path
 from csi.image.writer import write_image
 from csi.repo import Repository
 from csi.store import Store
 from tests.writer_trees import reg
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -93,3 +98,30 @@ def test_pull_errors_are_clear(tmp_path: Path) -> None:
     assert "error:" in r.stderr and "not found" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("pull", "x", "--repository", "http://127.0.0.1:9/", "--store", str(tmp_path / "s"))
     assert r.returncode == 1 and "allow" in r.stderr.lower()
+
+
+@pytest.mark.parametrize(
+    ("argv", "thresholds"),
+    [
+        (["verify", "--repo", "/nonexistent/repo"], [100_000, 50, 100]),
+        (["dataplane", "--config", "/nonexistent/config.yaml"], [700, 10, 10]),
+    ],
+)
+def test_commands_tune_the_collector_but_the_data_plane(
+    argv: list[str], thresholds: list[int]
+) -> None:
+    """Fetching and building commands collect cyclic garbage after 100,000 new objects (full
+    passes over a big image's tasks were seconds of a pull); the data plane keeps the
+    interpreter's defaults. Each command here fails at once on a missing path."""
+    code = (
+        "import gc, json, sys\n"
+        "from csi.cli.main import main\n"
+        f"rc = main({argv!r})\n"
+        "print(json.dumps([rc, list(gc.get_threshold())]))\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=60
+    )
+    rc, got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert rc != 0 and "nonexistent" in r.stderr
+    assert got == thresholds
