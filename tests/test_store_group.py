@@ -76,7 +76,7 @@ def test_group_commit_waiters_share_the_next_flush() -> None:
 
 
 def test_submit_all_flushes_a_batch_together_among_single_submitters() -> None:
-    """Batches (adopted worker files) and single items (inserts) share flushes; a batch is
+    """Batches (several items submitted at once) and single items share flushes; a batch is
     never split across flushes, every item is flushed once, outcomes come back per item."""
     mu = threading.Lock()
     groups: list[list[int]] = []
