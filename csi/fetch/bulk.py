@@ -6,17 +6,13 @@ leader, after each of its system calls: on 2 CPUs a 1 GiB / 10k-object image too
 way. For an eager fetch of many objects the client therefore hands them, a few at a time, to
 worker processes. A worker downloads each object exactly as an in-process download does (the
 same mirrors, retries, limits and checks: :meth:`csi.fetch.download.Downloader.download`), into
-a temp file
-of the store named after the parent process (so the store's cleaner leaves it alone while the
-parent lives, and removes it once the parent is gone). Then, still in the worker, it makes the
-chunk's files durable (one filesystem sync, then each file's writeback error), enables
-fs-verity where the filesystem has it, and names them in the store's ``objects/``: all under
-the parent's claim (:meth:`csi.store.Store.claim`), so nobody else writes them meanwhile. The
-parent then only records their rows (:meth:`csi.store.Store.record_named`). Done in the parent,
-these ten-odd system calls per object made it the serial part of a big fetch, its threads
-passing the GIL at every call (docs/benchmarks.md). An object named but not yet recorded
-when a process dies is durable, and recorded at the store's next recovery. Counters a worker
-moved are carried back and added to the parent's metrics.
+a temp file of the store named after the parent process (so the store's cleaner leaves it
+alone while the parent lives, and removes it once the parent is gone). Then, still in the
+worker and under the parent's claim, it makes them durable and names them in the store's
+``objects/`` (:mod:`csi.fetch.naming`); the parent only records their rows. Done in the
+parent, those ten-odd system calls per object made it the serial part of a big fetch, its
+threads passing the GIL at every call (docs/benchmarks.md). Counters a worker moved are
+carried back and added to the parent's metrics.
 
 A worker that runs out of space reports it; the parent fetches that object again in-process,
 where a full store triggers garbage collection.
@@ -35,19 +31,13 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 from prometheus_client import Counter
 
 from csi.image.fsverity import register_idle_thread
-from csi.repo import layout
-from csi.repo.batch import make_durable
 from csi.repo.tmpfiles import WORKER_TEMP_SUFFIX, TempFile, pid_alive
-from csi.repo.verity import UNSUPPORTED_ERRNOS, enable_verity
 from csi.store import DigestMismatch, ObjectWriter, StoreFull
-from csi.store.writer import NO_SPACE_ERRNOS
 
 from . import errors
 from . import metrics as m
@@ -56,6 +46,7 @@ from .download import Downloader, object_relpath
 from .errors import SourceCorrupt, SourceError
 from .http import HttpSource, Request
 from .mirrors import Mirrors
+from .naming import Failed, Named, Written, name_written
 from .packs import RangeEntry, RangeJob, RangeSplitter, decode
 from .source import Response, Source
 
@@ -71,47 +62,6 @@ _CARRIED: dict[str, Counter] = {
 }
 
 CounterDelta = list[tuple[str, dict[str, str], float]]
-
-
-class Written(NamedTuple):
-    """An object a worker wrote and verified: ``path`` holds exactly its ``size`` bytes."""
-
-    digest: bytes
-    path: str
-    size: int
-    received: int
-
-
-class Named(NamedTuple):
-    """An object a worker wrote, verified, made durable and named in the store: ``new`` if
-    this worker named it, False if it was there already. (A named tuple: thousands cross
-    from the workers per fetch, and tuples pickle fastest.)"""
-
-    digest: bytes
-    size: int
-    received: int
-    new: bool
-    verity: bool
-
-
-@dataclass(frozen=True, slots=True)
-class Failed:
-    """An object a worker could not fetch: ``error`` names a :mod:`csi.fetch.errors` class,
-    or is ``"no_space"`` (retry in-process, where the store can make room)."""
-
-    digest: bytes
-    error: str
-    message: str
-    subject: str | None
-    received: int
-
-    def to_exception(self) -> errors.FetchError:
-        cls = getattr(errors, self.error, None)
-        if not (isinstance(cls, type) and issubclass(cls, errors.FetchError)):
-            cls = errors.FetchError
-        e = cls(self.message)  # the message already names the repository and subject
-        e.subject = self.subject
-        return e
 
 
 ChunkResult = tuple[list[Named | Failed], CounterDelta]
@@ -273,7 +223,7 @@ def _fetch_chunk(
 ) -> ChunkResult:
     """Worker: fetch ``items`` (digest, size) into temp files under ``tmpdir``, then make
     them durable (``fsync``: the store syncs its writes) and name them under ``repo_root``,
-    the store's repository, with fs-verity if ``verity`` (:func:`_name_written`).
+    the store's repository, with fs-verity if ``verity`` (:func:`csi.fetch.naming.name_written`).
 
     From an HTTP(S) repository the first attempt at each object is one of up to ``_parallel``
     requests run together (:meth:`HttpSource.get_many`): one sleep and wake-up for several
@@ -297,7 +247,7 @@ def _fetch_chunk(
         again = [(d, size, None, 0) for d, size in items]
     for digest, size, prior, got in again:
         results[digest] = _fetch_one(downloader, tmpdir, tag, digest, size, prior, got)
-    named = _name_written([results[d] for d, _ in items], tmpdir, repo_root, fsync, verity)
+    named = name_written([results[d] for d, _ in items], tmpdir, repo_root, fsync, verity)
     after = _counters()
     delta: CounterDelta = [
         (key, dict(labels), v - before.get((key, labels), 0.0))
@@ -305,69 +255,6 @@ def _fetch_chunk(
         if v != before.get((key, labels), 0.0)
     ]
     return named, delta
-
-
-#: Whether this worker's filesystem enables fs-verity (None: not known yet).
-_verity: bool | None = None
-
-
-def _name_written(
-    results: list[Written | Failed], tmpdir: str, repo_root: str, fsync: bool, verity: bool
-) -> list[Named | Failed]:
-    """Make the written files durable (one ``syncfs`` for all, then each file's writeback
-    error), enable fs-verity where the filesystem has it, and rename each into
-    ``repo_root``'s ``objects/`` unless the object is there already; as the store names the
-    objects it writes itself (:meth:`csi.store.Store.ensure`). A file that fails is removed
-    and reported (``no_space`` for a full disk: the parent fetches it again in-process)."""
-    global _verity
-    done: dict[int, Named | Failed] = {}  # for each Written, by its index in ``results``
-    todo: list[tuple[int, Written, TempFile]] = []
-    for i, r in enumerate(results):
-        if not isinstance(r, Written):
-            continue
-        try:
-            fd = os.open(r.path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            with contextlib.suppress(OSError):
-                os.unlink(r.path)
-            done[i] = _failed_naming(r, e)
-            continue
-        todo.append((i, r, TempFile(r.path, -1, fd)))
-    try:
-        temps = [t for _, _, t in todo]
-        durable = make_durable(Path(tmpdir), temps) if fsync else [None] * len(temps)
-        for (i, r, tmp), err in zip(todo, durable, strict=True):
-            if err is not None:
-                tmp.discard()
-                done[i] = _failed_naming(r, err)
-                continue
-            enabled = False
-            if verity and _verity is not False:
-                code = enable_verity(tmp.lock_fd)
-                enabled = code == 0
-                if enabled:
-                    _verity = True
-                elif code in UNSUPPORTED_ERRNOS and _verity is None:
-                    _verity = False
-            try:
-                new = tmp.publish(f"{repo_root}/{layout.object_relpath(r.digest)}")
-            except OSError as e:
-                tmp.discard()
-                done[i] = _failed_naming(r, e)
-                continue
-            done[i] = Named(r.digest, r.size, r.received, new, enabled and new)
-    finally:
-        for i, _, tmp in todo:  # an unexpected error above: nothing half-named stays behind
-            if i not in done:
-                tmp.discard()
-    return [r if isinstance(r, Failed) else done[i] for i, r in enumerate(results)]
-
-
-def _failed_naming(r: Written, e: OSError) -> Failed:
-    subject = f"object {r.digest.hex()}"
-    if e.errno in NO_SPACE_ERRNOS:
-        return Failed(r.digest, "no_space", f"storing {subject}: {e}", subject, r.received)
-    return Failed(r.digest, "FetchError", f"storing {subject}: {e}", subject, r.received)
 
 
 _Again = tuple[bytes, int | None, SourceError | None, int]

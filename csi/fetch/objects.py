@@ -20,6 +20,7 @@ from csi.store import Store, is_no_space
 from . import bulk
 from .download import Downloader, object_relpath
 from .errors import FetchError
+from .naming import Failed, Named
 from .packs import RangeJob, plan
 from .progress import FetchProgress
 from .tasks import Cancelled, Outcome, Task, TaskTable, chain
@@ -339,7 +340,7 @@ class ObjectFetcher:
                 len(chunk),
             )
             return
-        named = [r for r in results if isinstance(r, bulk.Named)]
+        named = [r for r in results if isinstance(r, Named)]
         error: BaseException | None = None
         try:
             store.record_named([(n.digest, n.size, n.verity) for n in named if n.new])
@@ -366,7 +367,7 @@ class ObjectFetcher:
             else:
                 self.tasks.settle(store, n.digest, task, result=(n.new, n.received))
         for r in results:
-            if not isinstance(r, bulk.Failed):
+            if not isinstance(r, Failed):
                 continue
             if r.error == "no_space":
                 # Left unsettled: fetched again in-process, where the store can make room.

@@ -385,7 +385,7 @@ class Store:
     @contextlib.contextmanager
     def claim(self, digests: Iterable[bytes]) -> Iterator[set[bytes]]:
         """Claim the writing of ``digests`` for someone who will write, name and then
-        :meth:`record_named` them (our fetch worker processes).
+        :meth:`record_named` them (our fetch worker processes: :mod:`csi.fetch.naming`).
 
         Yields the claimed subset: objects not present, and not being written by another
         thread (single-flight) or process (per-digest locks) of this store. The rest are

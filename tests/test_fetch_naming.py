@@ -1,4 +1,4 @@
-"""How a worker process names the objects it fetched (csi.fetch.bulk._name_written), and how
+"""How a worker process names the objects it fetched (csi.fetch.naming.name_written), and how
 the parent records them (Store.record_named): durable before named, nothing half-done left
 behind when the sync, the rename or the rows fail. Run in this process on a real store; the
 worker-process path itself is covered end to end by tests/test_fetch_bulk.py."""
@@ -11,21 +11,22 @@ from pathlib import Path
 
 import pytest
 
-from csi.fetch import bulk
+from csi.fetch import bulk, naming
 from csi.image.fsverity import digest_bytes
 from csi.repo import batch
+from csi.repo.tmpfiles import WORKER_TEMP_SUFFIX
 from csi.store import Store
 
 
-def _written(store: Store, data: bytes) -> bulk.Written:
+def _written(store: Store, data: bytes) -> naming.Written:
     """A temp file as a worker leaves it: written and verified, not named."""
     obj = bulk._TempObject(str(store.repo.tmp.path), store.repo.tmp.owner(), digest_bytes(data))
     obj.write(data)
-    return bulk.Written(obj.digest, obj.path, obj.keep(), len(data))
+    return naming.Written(obj.digest, obj.path, obj.keep(), len(data))
 
 
 def _temps(store: Store) -> list[str]:
-    return [n for n in os.listdir(store.repo.tmp.path) if n.endswith(bulk.WORKER_TEMP_SUFFIX)]
+    return [n for n in os.listdir(store.repo.tmp.path) if n.endswith(WORKER_TEMP_SUFFIX)]
 
 
 def test_objects_are_named_only_after_the_sync(
@@ -34,7 +35,7 @@ def test_objects_are_named_only_after_the_sync(
     store = Store(tmp_path / "s")
     blobs = [os.urandom(5000 + i) for i in range(3)]
     written = [_written(store, b) for b in blobs]
-    failed = bulk.Failed(b"\x07" * 32, "NotFound", "gone", None, 0)
+    failed = naming.Failed(b"\x07" * 32, "NotFound", "gone", None, 0)
     synced: list[bool] = []
     real_syncfs = batch.syncfs
 
@@ -43,7 +44,7 @@ def test_objects_are_named_only_after_the_sync(
         real_syncfs(root)
 
     monkeypatch.setattr(batch, "syncfs", syncfs)
-    out = bulk._name_written(
+    out = naming.name_written(
         [written[0], failed, written[1], written[2]],
         str(store.repo.tmp.path),
         str(store.repo.root),
@@ -53,7 +54,7 @@ def test_objects_are_named_only_after_the_sync(
     assert synced == [True]
     assert out[1] is failed  # failures pass through in place
     named = [out[0], out[2], out[3]]
-    assert all(isinstance(n, bulk.Named) and n.new for n in named)
+    assert all(isinstance(n, naming.Named) and n.new for n in named)
     assert [n.digest for n in named] == [w.digest for w in written]  # type: ignore[union-attr]
     for w, data in zip(written, blobs, strict=True):
         assert store.object_path(w.digest).read_bytes() == data
@@ -65,10 +66,10 @@ def test_objects_are_named_only_after_the_sync(
     assert store.usage().bytes == sum(len(b) for b in blobs)
 
     again = _written(store, blobs[0])  # already there: not named twice, temp file removed
-    (n,) = bulk._name_written(
+    (n,) = naming.name_written(
         [again], str(store.repo.tmp.path), str(store.repo.root), fsync=True, verity=True
     )
-    assert isinstance(n, bulk.Named) and not n.new
+    assert isinstance(n, naming.Named) and not n.new
     assert _temps(store) == []
     store.close()
 
@@ -84,10 +85,10 @@ def test_a_failed_sync_names_nothing_and_removes_the_temp_files(
         raise OSError(code, os.strerror(code))
 
     monkeypatch.setattr(batch, "syncfs", syncfs)
-    out = bulk._name_written(
+    out = naming.name_written(
         list(written), str(store.repo.tmp.path), str(store.repo.root), fsync=True, verity=False
     )
-    assert [type(o) for o in out] == [bulk.Failed, bulk.Failed]
+    assert [type(o) for o in out] == [naming.Failed, naming.Failed]
     assert all(o.error == kind and "storing object" in o.message for o in out)  # type: ignore[union-attr]
     assert not any(store.has_object(w.digest) for w in written)
     assert _temps(store) == []
@@ -99,10 +100,10 @@ def test_rows_that_cannot_be_written_take_their_files_back(
 ) -> None:
     store = Store(tmp_path / "s")
     written = [_written(store, os.urandom(4000))]
-    (n,) = bulk._name_written(
+    (n,) = naming.name_written(
         written, str(store.repo.tmp.path), str(store.repo.root), fsync=False, verity=False
     )
-    assert isinstance(n, bulk.Named) and store.has_object(n.digest)
+    assert isinstance(n, naming.Named) and store.has_object(n.digest)
 
     def record_objects(*args: object, **kw: object) -> None:
         raise OSError(errno.ENOSPC, "database or disk is full")
@@ -120,14 +121,14 @@ def test_an_object_named_but_not_recorded_is_recorded_at_recovery(tmp_path: Path
     root = tmp_path / "s"
     store = Store(root)
     data = os.urandom(6000)
-    (n,) = bulk._name_written(
+    (n,) = naming.name_written(
         [_written(store, data)],
         str(store.repo.tmp.path),
         str(store.repo.root),
         fsync=True,
         verity=False,
     )
-    assert isinstance(n, bulk.Named)
+    assert isinstance(n, naming.Named)
     store.close()  # no record_named: as if the process had been killed here
     with Store(root) as again:
         assert again.recovery.recorded_unknown == 1
