@@ -90,6 +90,8 @@ def test_a_failed_sync_names_nothing_and_removes_the_temp_files(
     )
     assert [type(o) for o in out] == [naming.Failed, naming.Failed]
     assert all(o.error == kind and "storing object" in o.message for o in out)  # type: ignore[union-attr]
+    if kind == "FetchError":  # a disk error says where to look
+        assert all("fsck" in o.message for o in out)  # type: ignore[union-attr]
     assert not any(store.has_object(w.digest) for w in written)
     assert _temps(store) == []
     store.close()

@@ -128,4 +128,8 @@ def _failed_naming(r: Written, e: OSError) -> Failed:
     subject = f"object {r.digest.hex()}"
     if e.errno in NO_SPACE_ERRNOS:
         return Failed(r.digest, "no_space", f"storing {subject}: {e}", subject, r.received)
-    return Failed(r.digest, "FetchError", f"storing {subject}: {e}", subject, r.received)
+    message = (
+        f"storing {subject} in the node's store failed: {e}; the object was downloaded and"
+        " verified, so the store's disk is the problem: check it (dmesg, `composefs-csi fsck`)"
+    )
+    return Failed(r.digest, "FetchError", message, subject, r.received)
