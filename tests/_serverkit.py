@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 
 from csi.config import DriverConfig, config_from_dict
 from csi.fuse.client import DataPlaneClient, DataPlaneUnavailable
@@ -79,6 +80,18 @@ def make_image(repo: Repository, sources: Path, name: str, seed: int, n: int = 6
     digest = repo.add_image(write_image(spec_to_tree(spec)))
     repo.set_ref(name, digest)
     return RepoImage(name, digest, src, count)
+
+
+def fuse_repo(
+    tmp_path_factory: pytest.TempPathFactory, count: int, *, n: int = 60
+) -> tuple[Path, list[RepoImage]]:
+    """A repository of ``count`` images of ``n`` files for tests that run the node plugin with
+    the real data plane: (its root, the images). Skips the test where FUSE cannot run."""
+    problem = fuse_problem()
+    if problem:
+        pytest.skip(problem)
+    root = tmp_path_factory.mktemp("repo")
+    return root / "repo", make_repo(root, count, n=n)
 
 
 def make_repo(root: Path, count: int, *, n: int = 60, seed0: int = 1000) -> list[RepoImage]:

@@ -19,8 +19,7 @@ from tests._serverkit import (
     POD_INFO,
     RepoImage,
     code_of,
-    fuse_problem,
-    make_repo,
+    fuse_repo,
     mounts_under,
     publish_request,
 )
@@ -34,11 +33,7 @@ PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[RepoImage]]:
-    problem = fuse_problem()
-    if problem:
-        pytest.skip(problem)
-    root = tmp_path_factory.mktemp("repo")
-    return root / "repo", make_repo(root, 1, n=20)
+    return fuse_repo(tmp_path_factory, 1, n=20)
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from csi.server.mounts import mounts_at, mounts_under, probe, unmount
-from tests._serverkit import POD_INFO, RepoImage, fuse_problem, make_repo, publish_request
+from tests._serverkit import POD_INFO, RepoImage, fuse_repo, publish_request
 from tests._serverkit import NodeHarness as Node
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
@@ -30,11 +30,7 @@ pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[RepoImage]]:
-    problem = fuse_problem()
-    if problem:
-        pytest.skip(problem)
-    root = tmp_path_factory.mktemp("repo")
-    return root / "repo", make_repo(root, 1, n=20)
+    return fuse_repo(tmp_path_factory, 1, n=20)
 
 
 @pytest.fixture

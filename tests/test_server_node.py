@@ -25,8 +25,7 @@ from tests._serverkit import (
     Stubs,
     code_of,
     driver_config,
-    fuse_problem,
-    make_repo,
+    fuse_repo,
     mounts_under,
     publish_request,
 )
@@ -43,11 +42,7 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[RepoImage]]:
-    problem = fuse_problem()
-    if problem:
-        pytest.skip(problem)
-    root = tmp_path_factory.mktemp("repo")
-    return root / "repo", make_repo(root, 3)
+    return fuse_repo(tmp_path_factory, 3)
 
 
 @pytest.fixture

@@ -83,6 +83,16 @@ def _errname(err: int) -> str:
     return errno.errorcode.get(err, str(err))
 
 
+def _object_error(e: Exception, doing: str, digest: bytes) -> pyfuse3.FUSEError:
+    """What the kernel is told when an object cannot be opened or read: ENOENT for one the
+    store lacks (and will not fetch), EIO otherwise (a system error is logged)."""
+    if isinstance(e, ObjectMissing):
+        return pyfuse3.FUSEError(errno.ENOENT)
+    if not isinstance(e, ObjectUnavailable):
+        log.error("%s object %s: %s", doing, digest.hex(), e)
+    return pyfuse3.FUSEError(errno.EIO)
+
+
 def handler(
     op: str,
 ) -> Callable[
@@ -489,13 +499,8 @@ class DataPlaneFS(pyfuse3.Operations):
             return None
         try:
             return await self.objects.acquire(ref.digest, ref.size, view.lazy_source)
-        except ObjectMissing:
-            raise pyfuse3.FUSEError(errno.ENOENT) from None
-        except ObjectUnavailable:
-            raise pyfuse3.FUSEError(errno.EIO) from None
-        except OSError as e:
-            log.error("opening object %s: %s", ref.digest.hex(), e)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+        except (ObjectMissing, ObjectUnavailable, OSError) as e:
+            raise _object_error(e, "opening", ref.digest) from None
 
     @handler("open")
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
@@ -542,13 +547,8 @@ class DataPlaneFS(pyfuse3.Operations):
                 data = await self.objects.read(
                     ref.digest, ref.size, view.lazy_source, end - off, off
                 )
-            except ObjectMissing:
-                raise pyfuse3.FUSEError(errno.ENOENT) from None
-            except ObjectUnavailable:
-                raise pyfuse3.FUSEError(errno.EIO) from None
-            except OSError as e:
-                log.error("reading object %s: %s", ref.digest.hex(), e)
-                raise pyfuse3.FUSEError(errno.EIO) from None
+            except (ObjectMissing, ObjectUnavailable, OSError) as e:
+                raise _object_error(e, "reading", ref.digest) from None
         metrics.READ_BYTES.inc(len(data))
         return data
 

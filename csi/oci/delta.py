@@ -15,6 +15,8 @@ the flattened tree after the layer and the layer's :class:`~csi.oci.apply.LayerC
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from csi.image.tree import S_IFCHR, S_IFDIR, Node, Tree
 
 from .apply import LayerChanges, finish_tree
@@ -26,31 +28,14 @@ def whiteout_node() -> Node:
     return Node(mode=S_IFCHR, rdev=0)
 
 
-def _dir_copy(d: Node) -> Node:
-    return Node(
-        mode=d.mode,
-        uid=d.uid,
-        gid=d.gid,
-        mtime_sec=d.mtime_sec,
-        mtime_nsec=d.mtime_nsec,
-        xattrs=dict(d.xattrs),
-    )
-
-
 def _copy(n: Node) -> Node:
-    return Node(
-        mode=n.mode,
-        uid=n.uid,
-        gid=n.gid,
-        mtime_sec=n.mtime_sec,
-        mtime_nsec=n.mtime_nsec,
-        size=n.size,
-        rdev=n.rdev,
-        payload=n.payload,
-        content=n.content,
-        digest=n.digest,
-        xattrs=dict(n.xattrs),
-    )
+    """A new inode with ``n``'s metadata and content (no entries, one link)."""
+    return replace(n, nlink=1, xattrs=dict(n.xattrs), entries=None)
+
+
+def _dir_copy(d: Node) -> Node:
+    """A new directory with ``d``'s owner, mode, times and xattrs (and no entries)."""
+    return replace(_copy(d), size=0, rdev=0, payload=None, content=None, digest=None)
 
 
 def layer_tree(root: Node, ch: LayerChanges) -> Tree:

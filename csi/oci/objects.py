@@ -35,6 +35,19 @@ class ShortRead(Exception):
     """The source ended before the announced size."""
 
 
+def _pump(read: ReadInto, w: BlockWriter, h: FsVerityHasher, left: int) -> int:
+    """Read up to ``left`` bytes through ``read`` into ``w``'s free space, hashing them, for as
+    long as it has room; the bytes still to read. A source that ends early: ShortRead."""
+    while left and (room := w.space()):
+        n = read(room[: min(left, len(room))])
+        if n <= 0:
+            raise ShortRead
+        h.update(room[:n])
+        w.advance(n)
+        left -= n
+    return left
+
+
 class ObjectSink:
     """Objects of one import (see the module doc). Not thread-safe."""
 
@@ -79,15 +92,8 @@ class ObjectSink:
     def store(self, read: ReadInto, size: int) -> bytes:
         """Read exactly ``size`` bytes through ``read`` into an object; its fs-verity digest."""
         h = FsVerityHasher()
-        left = size
         with BlockWriter(None) as w:
-            while left and (room := w.space()):
-                n = read(room[: min(left, len(room))])
-                if n <= 0:
-                    raise ShortRead
-                h.update(room[:n])
-                w.advance(n)
-                left -= n
+            left = _pump(read, w, h, size)  # into memory, while it fits there
             if not left:
                 digest = h.digest()
                 if self._known(digest):
@@ -98,14 +104,8 @@ class ObjectSink:
             try:
                 os.fchmod(fd, 0o644)  # whatever the umask: objects are readable by all
                 w.attach(fd, direct=size >= DIRECT_MIN_SIZE and enable_direct(fd))
-                while left:
-                    room = w.space()
-                    n = read(room[: min(left, len(room))])
-                    if n <= 0:
-                        raise ShortRead
-                    h.update(room[:n])
-                    w.advance(n)
-                    left -= n
+                if _pump(read, w, h, left):  # attached, the writer always has room
+                    raise ShortRead
                 w.finish()
             except BaseException:
                 os.close(fd)
