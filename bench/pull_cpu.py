@@ -1,10 +1,11 @@
 """Where a pull's CPU goes: each process of `composefs-csi pull` (the CLI and its fetch
 workers) and the whole machine, sampled from /proc while the pull runs.
 
-A diagnostic, not a contest: it answers "which process is the serial part". The repository is
-served by nginx on loopback (no latency proxy); the store is emptied, the page cache written
-back and dropped, and the machine left 35 s to settle after deleting the last run's files
-(see docs/benchmarks.md, "Building images", on ext4 and recently freed inodes).
+A diagnostic, run by hand (not by ``make bench``): it answers "which process is the serial
+part". The repository is served by nginx on loopback (no latency proxy); the store is
+emptied, the page cache written back and dropped, and the machine left 35 s to settle after
+deleting the last run's files (see docs/benchmarks.md, "Building images", on ext4 and
+recently freed inodes).
 
     python -m bench.pull_cpu --repo DIR --ref NAME [--runs N]
 
