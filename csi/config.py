@@ -27,7 +27,7 @@ Example (every key optional except ``repositories``)::
       metrics_address: ":9810"
       read_ahead_kb: 16384              # KiB the kernel reads ahead within a file
       open_files: 1024
-      readahead_files: 16               # next small files of a directory read file by file (0: off)
+      readahead_files: 64               # files read ahead of a reader going file by file (0: off)
       mount_options: [ro, nosuid, nodev, allow_other]   # of the node-wide FUSE mount
     metrics:
       address: ":9809"                  # node plugin / controller metrics ("" disables)
@@ -105,9 +105,9 @@ class DataPlaneConfig:
     metrics_address: str = ":9810"
     read_ahead_kb: int = 16384
     open_files: int = 1024
-    #: When a directory's files are read in turn, the next this many small files are read
-    #: ahead (csi/fuse/readahead.py); 0 turns it off.
-    readahead_files: int = 16
+    #: When a directory's files are read in turn, up to this many of the next small files are
+    #: read ahead into the page cache (csi/fuse/readahead.py); 0 turns it off.
+    readahead_files: int = 64
     mount_options: tuple[str, ...] = ("ro", "nosuid", "nodev", "allow_other")
 
 
@@ -249,7 +249,7 @@ def config_from_dict(raw: object) -> DriverConfig:
         ),
         open_files=int(_number(dp.get("open_files", 1024), "dataplane.open_files", lo=16)),
         readahead_files=int(
-            _number(dp.get("readahead_files", 16), "dataplane.readahead_files", lo=0, hi=256)
+            _number(dp.get("readahead_files", 64), "dataplane.readahead_files", lo=0, hi=256)
         ),
         mount_options=tuple(options),
     )

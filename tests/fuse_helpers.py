@@ -9,11 +9,13 @@ import json
 import os
 import random
 import signal
+import socket
 import stat
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +40,25 @@ from csi.image.tree import (
 from csi.image.writer import write_image
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (for a metrics address)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def metric_values(port: int, name: str) -> dict[str, float]:
+    """Samples of metric ``name`` the daemon at ``port`` exports now, by their label text
+    (``""`` for an unlabelled one)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+    out: dict[str, float] = {}
+    for line in text.decode().splitlines():
+        key, _, value = line.rpartition(" ")
+        if key == name or key.startswith(name + "{"):
+            out[key[len(name) :].strip("{}")] = float(value)
+    return out
 
 
 def fuse_unavailable() -> str | None:

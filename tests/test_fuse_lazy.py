@@ -21,7 +21,14 @@ import pytest
 from csi.image.fsverity import digest_file
 from csi.image.tree import S_IFDIR, Node, Tree
 from csi.repo import Repository
-from tests.fuse_helpers import add_objects, external, fuse_unavailable, run_daemon
+from tests.fuse_helpers import (
+    add_objects,
+    external,
+    free_port,
+    fuse_unavailable,
+    metric_values,
+    run_daemon,
+)
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
 
@@ -349,3 +356,52 @@ def test_many_waiting_lazy_reads_do_not_hold_up_local_files(tmp_path: Path) -> N
         for (t, o), name in zip(waiting, [n for n in files if n != "local"], strict=True):
             t.join(60)
             assert o.get("data") == files[name]
+
+
+def test_read_ahead_stores_local_objects_and_leaves_missing_ones_to_their_reads(
+    world: tuple,  # type: ignore[type-arg]
+) -> None:
+    """Reading a directory in turn stores the next files' contents in the page cache only for
+    objects already in the store: one not yet fetched is neither fetched nor cached by the
+    read-ahead, so its own read waits for it and gets the verified bytes (nothing stale)."""
+    gated, url, store, digest, files = world
+    from csi.image.fsverity import digest_bytes
+
+    for data in files.values():
+        gated.gate(digest_bytes(data))
+    local = ["f2", "f3", "f5"]
+    add_objects(store, [files[n] for n in local])
+    port = free_port()
+    with run_daemon(
+        store,
+        repositories={"main": {"urls": [url], "allow_plain_http": True}},
+        prefetch_threads=1,
+        metrics_address=f"127.0.0.1:{port}",
+    ) as d:
+        view = Path(d.client.add_view([digest], "pod-a", lazy=True, repository="main")["path"])
+        names = os.listdir(view)
+        assert names[:5] == ["f1", "f11", "f2", "f3", "f4"]  # the listing, as read
+        # f1 is the first of the listing: read-ahead starts with its read.
+        gated.gate(digest_bytes(files["f1"])).set()
+        assert (view / "f1").read_bytes() == files["f1"]
+        stored = "composefs_csi_fuse_readahead_stored_bytes_total"
+        deadline = time.monotonic() + 10
+        want = sum(len(files[n]) for n in local)
+        while metric_values(port, stored)[""] < want and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert metric_values(port, stored)[""] == want
+        reads = "composefs_csi_fuse_operations_total"
+        before = metric_values(port, reads)['op="read"']
+        for n in local:
+            assert (view / n).read_bytes() == files[n]
+        assert metric_values(port, reads)['op="read"'] == before  # from the page cache
+        # f4's object is still held back: its read waits for it, then gets its own bytes.
+        t, out = _read_in_thread(view / "f4")
+        t.join(0.5)
+        assert t.is_alive() and not out
+        gated.gate(digest_bytes(files["f4"])).set()
+        t.join(60)
+        assert out.get("data") == files["f4"]
+        gated.open_all()
+        for name, data in files.items():
+            assert (view / ("sub/" + name if name.endswith("0") else name)).read_bytes() == data

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -16,7 +15,7 @@ import pytest
 from csi.fuse.client import DataPlaneClient, DataPlaneError, DataPlaneUnavailable
 from csi.fuse.daemon import view_key
 from csi.fuse.mounting import is_mounted
-from tests.fuse_helpers import add_image, fuse_unavailable, random_tree, run_daemon
+from tests.fuse_helpers import add_image, free_port, fuse_unavailable, random_tree, run_daemon
 from tests.support.kernel import mounts_under
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
@@ -39,15 +38,9 @@ def store_with_images(tmp_path: Path) -> tuple[Path, list[bytes]]:
     return store, digests
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_views_follow_their_holders(store_with_images: tuple[Path, list[bytes]]) -> None:
     store, (a, b, c) = store_with_images
-    port = _free_port()
+    port = free_port()
     with run_daemon(store, metrics_address=f"127.0.0.1:{port}") as d:
         cl = d.client
         r1 = cl.add_view([a], "vol-1")

@@ -22,7 +22,14 @@ from csi.fuse.fs import kernel_opens_supported
 from csi.fuse.readahead import SiblingReadahead
 from csi.image.fsverity import digest_bytes
 from csi.image.tree import S_IFDIR, S_IFREG, Node, Tree, object_path
-from tests.fuse_helpers import add_image, external, fuse_unavailable, run_daemon
+from tests.fuse_helpers import (
+    add_image,
+    external,
+    free_port,
+    fuse_unavailable,
+    metric_values,
+    run_daemon,
+)
 
 REG = S_IFREG | 0o644
 DIR = S_IFDIR | 0o755
@@ -33,40 +40,65 @@ def listing(ra: SiblingReadahead, entries: list[tuple[int, int, int]], slot: int
         ra.listed(slot, 100, i, ino, mode, size)
 
 
-def test_reading_in_turn_keeps_depth_files_ahead() -> None:
-    ra = SiblingReadahead(depth=4)
+def test_the_window_grows_while_the_reader_keeps_in_turn() -> None:
+    ra = SiblingReadahead(depth=8)  # first window: a quarter of 8
     listing(ra, [(10 + i, REG, 1000) for i in range(12)])
-    assert ra.on_read_start(1, 10) == [11, 12, 13, 14]  # the first file of the listing
-    assert ra.on_read_start(1, 11) == []  # still 3 ahead
-    assert ra.on_read_start(1, 12) == [15, 16]  # topped up once half are read
-    assert ra.on_read_start(1, 13) == []
-    assert ra.on_read_start(1, 14) == [17, 18]
-    assert ra.on_read_start(1, 15) == []
-    assert ra.on_read_start(1, 16) == [19, 20]
-    assert ra.on_read_start(1, 17) == []
-    assert ra.on_read_start(1, 18) == [21]  # the listing ends at 21
-    assert [ra.on_read_start(1, i) for i in (19, 20, 21)] == [[], [], []]
+    # Every read reaches the daemon (read ahead into the object files only).
+    assert ra.on_read_start(1, 10) == [11, 12]  # the first file: the first window
+    assert ra.on_read_start(1, 11) == [13, 14, 15]  # topped up once half is read; doubled
+    assert ra.on_read_start(1, 12) == []  # still 3 ahead
+    assert ra.on_read_start(1, 13) == [16, 17, 18, 19, 20, 21]  # doubled again (to the end)
+    assert [ra.on_read_start(1, i) for i in range(14, 22)] == [[]] * 8
+
+
+def test_files_stored_in_the_page_cache_send_no_read_and_do_not_stop_it() -> None:
+    ra = SiblingReadahead(depth=8)
+    listing(ra, [(10 + i, REG, 1000) for i in range(30)])
+    assert ra.on_read_start(1, 10) == [11, 12]
+    # 11 and 12 were read from the page cache: the next read the daemon sees is 13's.
+    assert ra.on_read_start(1, 13) == [14, 15, 16, 17]
+    assert ra.on_read_start(1, 18) == list(range(19, 27))  # up to depth, no further
+    # The reader got ahead of the read-ahead (20 is read before it was stored): still in
+    # turn; 8 files are already ahead of it, so nothing more yet.
+    assert ra.on_read_start(1, 20) == []
+    assert ra.on_read_start(1, 27) == list(range(28, 36))
+    assert ra.on_read_start(1, 36) == [37, 38, 39]  # the listing ends at 39
+    # A file after a gap that was not read ahead is out of turn.
+    ra2 = SiblingReadahead(depth=8)
+    listing(ra2, [(10 + i, REG, 1000) for i in range(30)])
+    assert ra2.on_read_start(1, 10) == [11, 12]
+    assert ra2.on_read_start(1, 14) == []  # 13 was neither read nor read ahead
+
+
+def test_reading_the_directory_again_starts_a_new_pass() -> None:
+    ra = SiblingReadahead(depth=8)
+    listing(ra, [(10 + i, REG, 1000) for i in range(12)])
+    assert ra.on_read_start(1, 10) == [11, 12]
+    assert ra.on_read_start(1, 13) == [14, 15, 16, 17]
+    # The same reader again, later (the cache may have been dropped in between).
+    assert ra.on_read_start(1, 10) == [11, 12]
+    assert ra.on_read_start(1, 13) == [14, 15, 16, 17]
 
 
 def test_a_file_read_out_of_turn_starts_nothing() -> None:
-    ra = SiblingReadahead(depth=4)
+    ra = SiblingReadahead(depth=16)
     listing(ra, [(10 + i, REG, 1000) for i in range(12)])
     assert ra.on_read_start(1, 15) == []  # one file in the middle (a config file)
-    assert ra.on_read_start(1, 13) == []  # not the one after it either
-    assert ra.on_read_start(1, 14) == [15, 16, 17, 18]  # ... but this one is
+    assert ra.on_read_start(1, 13) == []  # not the one before it
+    assert ra.on_read_start(1, 14) == [15, 16, 17, 18]  # ... but the one after the last read is
     assert ra.on_read_start(1, 999) == []  # never listed
     assert ra.on_read_start(2, 10) == []  # another view's inode of the same number
 
 
 def test_only_small_regular_files_are_read_ahead() -> None:
-    ra = SiblingReadahead(depth=8, max_size=4096)
+    ra = SiblingReadahead(depth=32, max_size=4096)
     entries = [(1, REG, 100), (2, DIR, 0), (3, REG, 1 << 20), (4, REG, 0), (5, REG, 4096)]
     listing(ra, entries)
     assert ra.on_read_start(1, 1) == [5]
 
 
 def test_listings_out_of_order_or_past_the_limit_are_not_remembered() -> None:
-    ra = SiblingReadahead(depth=4, max_dirs=2)
+    ra = SiblingReadahead(depth=8, max_dirs=2)
     ra.listed(1, 100, 3, 13, REG, 10)  # a reply that does not start at 0: nothing known
     assert ra.on_read_start(1, 13) == [] and len(ra) == 0
     for d in (100, 200, 300):  # three directories listed, two remembered
@@ -126,7 +158,7 @@ def evict(path: Path) -> None:
 
 
 @pytest.fixture()
-def store_with_dir(tmp_path: Path) -> tuple[Path, bytes, list[Path]]:
+def store_with_dir(tmp_path: Path) -> tuple[Path, bytes, list[Path], list[bytes]]:
     reason = fuse_unavailable()
     if reason:
         pytest.skip(reason)
@@ -146,7 +178,7 @@ def store_with_dir(tmp_path: Path) -> tuple[Path, bytes, list[Path]]:
     objects = []
     for data in blobs:
         objects.append(store / "objects" / object_path(digest_bytes(data)).decode())
-    return store, digest, objects
+    return store, digest, objects, blobs
 
 
 def wait_cached(paths: list[Path], seconds: float = 10.0) -> bool:
@@ -158,32 +190,51 @@ def wait_cached(paths: list[Path], seconds: float = 10.0) -> bool:
     return True
 
 
+def reads(port: int) -> float:
+    return metric_values(port, "composefs_csi_fuse_operations_total").get('op="read"', 0.0)
+
+
 @pytest.mark.parametrize("depth", [16, 0])
-def test_the_next_files_are_cached_before_they_are_read(
-    store_with_dir: tuple[Path, bytes, list[Path]], depth: int
+def test_the_next_files_are_in_the_page_cache_before_they_are_read(
+    store_with_dir: tuple[Path, bytes, list[Path], list[bytes]], depth: int
 ) -> None:
-    store, digest, objects = store_with_dir
-    with run_daemon(store, readahead_files=depth) as d:
+    store, digest, objects, blobs = store_with_dir
+    port = free_port()
+    with run_daemon(store, readahead_files=depth, metrics_address=f"127.0.0.1:{port}") as d:
         view = d.view_path([digest])
-        names = sorted(os.listdir(view / "d"))  # the listing, as a reader sees it
-        assert names[:2] == ["f00", "f01"]
+        files = [view / "d" / f"f{i:02d}" for i in range(40)]
+        assert sorted(os.listdir(view / "d"))[:2] == ["f00", "f01"]  # the listing, as read
         for p in objects:
             evict(p)
-        assert not any(cached(p) for p in objects)
+        assert not any(cached(p) for p in files + objects)
         # One file in the middle of the directory, as a pod reading one config file would:
         # nothing else is read.
-        assert len((view / "d" / "f20").read_bytes()) == 20_000
+        assert files[20].read_bytes() == blobs[20]
         time.sleep(0.2)
+        assert [i for i, p in enumerate(files) if cached(p)] == [20]
         assert [i for i, p in enumerate(objects) if cached(p)] == [20]
-        # The first file of the listing: the next 16 follow, and no more.
-        assert len((view / "d" / "f00").read_bytes()) == 20_000
-        if depth:
-            assert wait_cached(objects[1:17])
-            assert not any(cached(p) for p in objects[21:])
-        else:
+        # The first file of the listing: the next 4 (a quarter of 16) are stored in the
+        # page cache of their own inodes, and no more.
+        assert files[0].read_bytes() == blobs[0]
+        if not depth:
             time.sleep(0.2)
-            assert [i for i, p in enumerate(objects) if cached(p)] == [0, 20]
-        # Reading on in turn keeps the read-ahead going to the end of the directory.
-        for i in range(1, 40):
-            assert len((view / "d" / f"f{i:02d}").read_bytes()) == 20_000
-        assert wait_cached(objects)
+            assert [i for i, p in enumerate(files) if cached(p)] == [0, 20]
+            before = reads(port)
+            for i in range(1, 40):
+                assert files[i].read_bytes() == blobs[i]
+            assert reads(port) - before == 38  # one READ per file not yet cached (not 20)
+            return
+        assert wait_cached(files[1:5])
+        assert not any(cached(p) for p in files[5:20] + files[21:])
+        # Read from there, they cost the data plane no request, and hold the right bytes.
+        before = reads(port)
+        for i in range(1, 5):
+            assert files[i].read_bytes() == blobs[i]
+        assert reads(port) == before
+        # Reading on in turn keeps the read-ahead going, in growing steps, to the end of the
+        # directory; most files are never asked for.
+        for i in range(5, 40):
+            assert files[i].read_bytes() == blobs[i]
+        assert reads(port) - before <= 8, reads(port) - before
+        stored = metric_values(port, "composefs_csi_fuse_readahead_stored_bytes_total")
+        assert stored[""] >= 30 * 20_000

@@ -62,9 +62,10 @@ class DataPlaneConfig:
     #: cached (needs pyfuse3 with the inode_as_fh patch; without it, or when False, every
     #: open and listing is a request to the daemon).
     kernel_opens: bool = True
-    #: When a directory's files are read in turn, the next this many small files are read
-    #: ahead (:mod:`csi.fuse.readahead`); 0 turns it off.
-    readahead_files: int = 16
+    #: When a directory's files are read in turn, up to this many of the next small files are
+    #: read ahead into the page cache (:mod:`csi.fuse.readahead`, :mod:`csi.fuse.pagepush`);
+    #: 0 turns it off.
+    readahead_files: int = 64
     metrics_address: str | None = None
     #: Seconds to wait for the kernel to release the mount at shutdown before detaching it.
     unmount_timeout: float = 10.0

@@ -128,6 +128,7 @@ class DataPlane:
     def unmount(self) -> None:
         if self.fs.mounted:
             self.fs.mounted = False
+            self.fs.pages.stop()  # its threads use the session that close() ends
             try:
                 pyfuse3.close(unmount=True)
             finally:

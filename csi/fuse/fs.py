@@ -45,6 +45,7 @@ from csi.image.errors import FormatError
 from . import metrics
 from .inodes import MAX_SLOT, ROOT_INO, slot_of
 from .objects import ObjectFile, ObjectMissing, ObjectStoreAccess, ObjectUnavailable
+from .pagepush import Item, PagePusher
 from .readahead import SiblingReadahead
 from .views import DOT_ENTRIES, FileRef, View, ViewError, entry_attributes
 
@@ -166,7 +167,7 @@ class DataPlaneFS(pyfuse3.Operations):
         *,
         timeout: float,
         kernel_opens: bool = True,
-        readahead_files: int = 16,
+        readahead_files: int = 64,
     ) -> None:
         super().__init__()
         self.objects = objects
@@ -177,6 +178,8 @@ class DataPlaneFS(pyfuse3.Operations):
         #: The next files of a directory read file by file (:mod:`csi.fuse.readahead`). Only
         #: reads that name the inode can use it: with file handles it stays off.
         self.readahead = SiblingReadahead(readahead_files if self.inode_as_fh else 0)
+        #: Stores files read ahead into their inodes' page cache (:mod:`csi.fuse.pagepush`).
+        self.pages = PagePusher(pyfuse3.notify_store)
         metrics.KERNEL_OPENS.set(1 if self.inode_as_fh else 0)
         if self.inode_as_fh:
             log.info("the kernel opens files itself and caches their contents and listings")
@@ -553,7 +556,9 @@ class DataPlaneFS(pyfuse3.Operations):
         return data
 
     def _read_ahead(self, view: View, ino: int) -> None:
-        """Start reading ahead the files listed after ``ino`` if it is read in turn."""
+        """Start reading ahead the files listed after ``ino`` if it is read in turn: into
+        the page cache of their inodes where the kernel allows, else of their objects."""
+        items: list[Item] = []
         objects = []
         for nxt in self.readahead.on_read_start(view.slot, ino):
             try:
@@ -561,8 +566,9 @@ class DataPlaneFS(pyfuse3.Operations):
             except ViewError:
                 continue
             if ref.digest is not None:
+                items.append((nxt, self.objects.object_path(ref.digest), ref.size))
                 objects.append((ref.digest, ref.size))
-        if objects:
+        if objects and not self.pages.push(items):
             self.objects.warm(objects)
 
     async def _read(self, ref: FileRef, obj: ObjectFile | None, off: int, size: int) -> bytes:
@@ -610,6 +616,7 @@ class DataPlaneFS(pyfuse3.Operations):
         self._retired.clear()
         self.objects.fds.close_all()
         self.objects.io.close()
+        self.pages.stop()
         self._update_view_metrics()
 
 

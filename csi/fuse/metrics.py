@@ -47,8 +47,15 @@ LAZY_FETCHES = Counter(
 )
 READAHEAD_FILES = Counter(
     "composefs_csi_fuse_readahead_files",
-    "Files whose objects were handed to the page cache ahead of their reads (the next files "
-    "of a directory read file by file).",
+    "Files read ahead of their reads (the next files of a directory read file by file): "
+    "stored in the page cache of their FUSE inodes, or where the kernel cannot, their "
+    "objects handed to the page cache.",
+    registry=REGISTRY,
+)
+PAGES_STORED_BYTES = Counter(
+    "composefs_csi_fuse_readahead_stored_bytes",
+    "Bytes of files read ahead stored straight into the page cache of their FUSE inodes "
+    "(notify_store): reads of them cost the data plane no request.",
     registry=REGISTRY,
 )
 MISSING_OBJECTS = Counter(

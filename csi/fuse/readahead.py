@@ -2,13 +2,17 @@
 
 A reader that goes through a directory file by file (``cat *``, ``tar c``, a model loader, a
 language runtime importing a package) sends the daemon one READ per small file, and each one
-waits for the disk before the next is asked for. The kernel reads ahead within a file, never
-across files. When a file is read from its start and it is the first file of its directory's
-listing, or the one listed right after the file read from its start before it, the objects of
-the next :attr:`SiblingReadahead.depth` small files of that listing are handed to the page
-cache to read (``posix_fadvise(WILLNEED)``) and their descriptors kept: by the time the reader
-asks, the data is cached and the descriptor open. A read of one file among many (a config file
-in a big directory) starts nothing.
+waits for the disk and a round trip through the daemon before the next is asked for. The
+kernel reads ahead within a file, never across files. When a file is read from its start and
+it is the first file of its directory's listing, the one listed right after the last file
+read from its start, or one of the files already read ahead, the next small files of that
+listing are read ahead: stored into the page cache of their FUSE inodes
+(:mod:`csi.fuse.pagepush`), so that the reader finds them there and sends no request at all,
+or where the kernel cannot do that, their objects handed to the page cache
+(``posix_fadvise(WILLNEED)``). The first read-ahead of a pass covers a quarter of
+:attr:`SiblingReadahead.depth` files, and each next one twice the last, up to ``depth``: a
+reader that stops early costs little. A read of one file among many (a config file in a big
+directory) starts nothing.
 
 The listings come from the readdir replies the daemon sends (in cookie order, as readers see
 them); at most :attr:`SiblingReadahead.max_dirs` directories are remembered (least recently
@@ -34,13 +38,18 @@ class _Listing:
     #: Index of the last file read from its start, and how far read-ahead has been started.
     last: int = -2
     ahead: int = 0
+    #: How many files the last read-ahead covered (grows while the reader keeps in turn).
+    window: int = 0
 
 
 class SiblingReadahead:
     """Which files to read ahead; ``depth`` 0 turns it off."""
 
-    def __init__(self, depth: int = 16, max_dirs: int = 256, max_size: int = 1 << 20) -> None:
+    def __init__(self, depth: int = 64, max_dirs: int = 256, max_size: int = 1 << 20) -> None:
         self.depth = max(0, depth)
+        #: The first read-ahead of a pass covers this many files; each next one twice the
+        #: last, up to ``depth`` (a reader that stops early costs little).
+        self.first_window = max(1, self.depth // 4)
         self.max_dirs = max(1, max_dirs)
         #: Largest file read ahead (larger ones keep a transfer busy on their own, and the
         #: kernel reads ahead within them).
@@ -94,14 +103,22 @@ class SiblingReadahead:
         listing = self._dirs.get(key)
         if listing is None:
             return []
-        in_turn = index == 0 or index == listing.last + 1
+        if index <= listing.last:
+            # Read again from further back: a new pass (what was read ahead for the last one
+            # may have left the cache since).
+            listing.ahead = listing.window = 0
+        # In turn: the first file, the one after the last read, or any up to the first file
+        # not yet read ahead (files read ahead into the page cache send no READ at all).
+        in_turn = index == 0 or listing.last < index <= max(listing.last + 1, listing.ahead)
         listing.last = index
         if not in_turn:
             return []
-        # Keep ``depth`` files ahead of the reader, topping up once half of them are read.
+        # Keep a window of files ahead of the reader, topping up once half of it is read;
+        # the window doubles each time, from a quarter of ``depth`` up to ``depth``.
         start = max(index + 1, listing.ahead)
-        if start - index > self.depth // 2 + 1:
+        if start - index > listing.window // 2 + 1:
             return []
-        end = min(index + 1 + self.depth, len(listing.inos))
+        listing.window = min(self.depth, max(self.first_window, listing.window * 2))
+        end = min(index + 1 + listing.window, len(listing.inos))
         listing.ahead = max(listing.ahead, end)
         return [i for i in listing.inos[start:end] if i]
