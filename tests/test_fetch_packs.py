@@ -282,6 +282,9 @@ def test_cold_fetch_takes_small_objects_from_packs(
     assert ranges and all(st == 206 for _, st in ranges)
     assert len(ranges) < 10
     assert res.objects_fetched == res.objects_total  # type: ignore[attr-defined]
+    # What the pull reports as downloaded is every body the server sent: the ref (the image),
+    # the index, the ranges and the one object.
+    assert res.bytes_downloaded == sum(n for _, _, n in reqs)  # type: ignore[attr-defined]
 
 
 def test_import_pack_writes_packs_a_node_fetches_from(

@@ -233,11 +233,10 @@ class RepositoryClient:
                 for d in objects - missing:
                     prog.object_done(sizes.get(d, 0), fetched=False)
                 # Many new objects: from pack files, if the repository has them for this image.
-                index = (
-                    load_index(self.mirrors, digest, len(objects))
-                    if self.objects.uses_bulk(len(missing))
-                    else None
-                )
+                index = None
+                if self.objects.uses_bulk(len(missing)):
+                    index, got = load_index(self.mirrors, digest, len(objects))
+                    received += got
                 fetched, shared, got = self.objects.fetch(store, missing, sizes, prog, index)
                 received += got
                 present += shared

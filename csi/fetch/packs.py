@@ -63,17 +63,22 @@ class RangeJob(NamedTuple):
     entries: tuple[RangeEntry, ...]
 
 
-def load_index(mirrors: Mirrors, image: bytes, objects: int) -> PackIndex | None:
+def load_index(mirrors: Mirrors, image: bytes, objects: int) -> tuple[PackIndex | None, int]:
     """The pack index of ``image`` (which has ``objects`` objects) from the first mirror that
-    has one, or None. Each mirror is asked at most twice (once more after a transient error):
+    has one, or None; and the bytes received while looking for it (an index is downloaded like
+    anything else). Each mirror is asked at most twice (once more after a transient error):
     packs only save requests, so there is no backoff and no error."""
     relpath = index_relpath(image)
     limit = index_size_limit(objects)
+    received = 0
     for src in mirrors.sources:
         for attempt in range(2):
             chunks: list[bytes] = []
             try:
-                src.get(relpath, chunks.append, max_size=limit)
+                try:
+                    src.get(relpath, chunks.append, max_size=limit)
+                finally:
+                    received += sum(map(len, chunks))
             except SourceNotFound:
                 break
             except SourceError as e:
@@ -87,7 +92,7 @@ def load_index(mirrors: Mirrors, image: bytes, objects: int) -> PackIndex | None
                     continue
                 break
             try:
-                return parse_index(b"".join(chunks), max_entries=objects)
+                return parse_index(b"".join(chunks), max_entries=objects), received
             except ValueError as e:
                 log.warning(
                     "repository %r: unusable pack index of image %s from %s: %s",
@@ -97,7 +102,7 @@ def load_index(mirrors: Mirrors, image: bytes, objects: int) -> PackIndex | None
                     e,
                 )
                 break
-    return None
+    return None, received
 
 
 def plan(
