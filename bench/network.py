@@ -308,6 +308,7 @@ def main() -> None:
     ap.add_argument("--concurrency", default="16", help="our --concurrency values")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--no-dedup", action="store_true")
+    ap.add_argument("--only-dedup", action="store_true", help="only the second-version measurement")
     ap.add_argument("--workdir", type=Path, help="kept between runs (default: a temp dir)")
     ap.add_argument("--keep-caches", action="store_true", help="do not drop the page cache")
     args = ap.parse_args()
@@ -329,11 +330,11 @@ def main() -> None:
         results: list[str] = []
         with oci.Registry(work / "registry") as registry:
             prepared = [prepare(work, s, layouts, registry) for s in specs]
-            # One nginx serves every repository (each under its own folder).
             # One nginx serves every repository, each at /<tree>/repo-<layout>/.
             with Nginx(work / "nginx", [static_server(work)], access_log=False) as ng:
                 for p in prepared:
-                    results += run_tree(args, work, p, ng.port, registry)
+                    if not args.only_dedup:
+                        results += run_tree(args, work, p, ng.port, registry)
                     if not args.no_dedup:
                         results += dedup(work, p, ng.port)
         load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
