@@ -13,6 +13,7 @@ import ctypes
 import mmap
 import os
 import random
+import threading
 import time
 from pathlib import Path
 
@@ -238,3 +239,41 @@ def test_the_next_files_are_in_the_page_cache_before_they_are_read(
         assert reads(port) - before <= 8, reads(port) - before
         stored = metric_values(port, "composefs_csi_fuse_readahead_stored_bytes_total")
         assert stored[""] >= 30 * 20_000
+
+
+def test_readers_racing_the_read_ahead_get_the_right_bytes(
+    store_with_dir: tuple[Path, bytes, list[Path], list[bytes]],
+) -> None:
+    """Several readers go through the directory at once, forwards and backwards, while the
+    read-ahead stores the same files into the page cache: every read returns the file's own
+    bytes, nothing hangs, and the daemon stops cleanly afterwards."""
+    store, digest, objects, blobs = store_with_dir
+    with run_daemon(store, readahead_files=64) as d:
+        view = d.view_path([digest])
+        files = [view / "d" / f"f{i:02d}" for i in range(40)]
+        os.listdir(view / "d")
+        errors: list[str] = []
+
+        def reader(order: list[int]) -> None:
+            for i in order:
+                data = files[i].read_bytes()
+                if data != blobs[i]:
+                    errors.append(f"f{i:02d}: {len(data)} bytes, not its own")
+
+        for _ in range(5):
+            for p in objects:
+                evict(p)
+            with open("/proc/sys/vm/drop_caches", "w") as f:
+                f.write("1\n")  # the FUSE files' pages too
+            forwards = list(range(40))
+            threads = [
+                threading.Thread(target=reader, args=(order,))
+                for order in (forwards, forwards, forwards[::-1], forwards[1::2] + forwards[::2])
+            ]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+                assert not t.is_alive(), "a reader hung"
+        assert errors == []
+    assert d.proc.returncode == 0, d.log.read_text()[-2000:]
