@@ -23,6 +23,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 
 from . import metrics
@@ -70,7 +71,7 @@ class PagePusher:
     def push(self, items: list[Item]) -> bool:
         """Queue ``items`` to be stored in order; False when not queued (too many waiting,
         stopped, or the kernel cannot store pages): the caller may warm the objects instead."""
-        if not self.enabled or not items or self._jobs.qsize() + len(items) > MAX_QUEUED:
+        if not self.enabled or not items or self._jobs.qsize() + len(items) >= MAX_QUEUED:
             return False
         while len(self._threads) < self.max_threads:
             t = threading.Thread(
@@ -127,16 +128,18 @@ class PagePusher:
         return True
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Drop what is queued and wait for the threads to end (before the FUSE session
-        closes: a store needs the session)."""
+        """Drop what is queued and wait up to ``timeout`` seconds in all for the threads to
+        end (before the FUSE session closes: a store needs the session; one waiting for a
+        page whose READ will not be answered any more ends when the mount goes)."""
         self.enabled = False
         with contextlib.suppress(queue.Empty):
             while True:
                 self._jobs.get_nowait()
         for _ in self._threads:
             self._jobs.put(None)
+        deadline = time.monotonic() + timeout
         for t in self._threads:
-            t.join(timeout)
+            t.join(max(0.0, deadline - time.monotonic()))
             if t.is_alive():
                 log.warning("%s did not end within %.0f s", t.name, timeout)
         self._threads.clear()
