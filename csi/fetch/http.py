@@ -334,6 +334,8 @@ class HttpSource(Source):
         if code:
             raise _curl_error(code, msg)
         status = int(c.getinfo(pycurl.RESPONSE_CODE))
+        if status == 304 and tr.conditional:
+            return Response(0, not_modified=True)
         if tr.span is not None:
             # 206 for the range; a server that ignores Range answers 200 with the whole
             # file, which is the range only when the range starts at 0 (the size limit
@@ -344,8 +346,6 @@ class HttpSource(Source):
                 raise _status_error(c)
             if tr.size != tr.span[1]:
                 raise SourceBadResponse(f"{tr.size} bytes for a range of {tr.span[1]}")
-        elif status == 304 and tr.conditional:
-            return Response(0, not_modified=True)
         elif status != 200:
             # A status FAILONERROR lets through (below 400, or an auth answer): whatever was
             # passed on is then rejected by the caller along with this error.
