@@ -13,7 +13,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from csi.cli.packing import pack_options, pack_summary
+from csi.cli.packing import pack_options, pack_summary, publish_ref_with_deltas
 from csi.cli.progress import Bar
 from csi.image.dump import parse_dump
 from csi.image.fromdir import ScanOptions, scan_directory
@@ -81,7 +81,10 @@ def run(args: argparse.Namespace) -> int:
         print(pack_summary(pack_tree(repo, digest_bytes(image), tree, pack)), file=sys.stderr)
     digest = repo.add_image(image)
     for ref in args.ref:
-        repo.set_ref(ref, digest)
+        if pack is None:
+            repo.set_ref(ref, digest)
+        else:
+            print(publish_ref_with_deltas(repo, ref, digest), file=sys.stderr)
     if args.image_out:
         Path(args.image_out).write_bytes(image)
     print(

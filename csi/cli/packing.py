@@ -8,6 +8,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from csi.repo import Repository
     from csi.repo.packs import PackOptions, PackReport
 
 
@@ -16,7 +17,9 @@ def add_pack_arguments(p: argparse.ArgumentParser) -> None:
         "--pack",
         action="store_true",
         help="also write the image's small objects into pack files with an index (packs/), "
-        "so that nodes fetch them with a few range requests (docs/publishing.md)",
+        "so that nodes fetch them with a few range requests; and for each --ref, deltas to "
+        "the image from the ref's previous image and those of the refs beside it, and a "
+        "pointer, so that nodes holding one fetch the delta instead (docs/publishing.md)",
     )
     p.add_argument(
         "--compress",
@@ -56,3 +59,18 @@ def pack_summary(report: PackReport) -> str:
         f"packs: {report.objects} object(s) indexed, {report.written} written into "
         f"{len(report.packs)} new pack(s){saved}, {report.reused} already in packs"
     )
+
+
+def publish_ref_with_deltas(repo: Repository, ref: str, digest: bytes) -> str:
+    """Move ``ref`` to image ``digest`` in a packed repository: first deltas to the image from
+    the images a node is likely to hold (the ref's previous one, those of the refs beside
+    it), then the ref, then its pointer (:mod:`csi.repo.refdeltas`); the line to report."""
+    from csi.repo.refdeltas import choose_bases, write_pointer, write_ref_deltas
+
+    report = write_ref_deltas(repo, digest, choose_bases(repo, ref, digest))
+    repo.set_ref(ref, digest)
+    pointer = write_pointer(repo, ref, digest)
+    made = ""
+    if report.deltas:
+        made = f" ({report.deltas} new, {report.delta_bytes} bytes in all)"
+    return f"ref {ref}: {len(pointer.deltas)} delta(s) to its {pointer.size}-byte image{made}"
