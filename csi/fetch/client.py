@@ -192,7 +192,10 @@ class RepositoryClient:
         res: Resolved,
     ) -> FetchResult:
         digest, body, body_sizes = res.digest, res.body, res.sizes
-        received = len(body) if body is not None else 0
+        if res.received is not None:
+            received = res.received
+        else:
+            received = len(body) if body is not None else 0
         h = digest.hex()
         with store.pin([digest]):
             image_fetched = False

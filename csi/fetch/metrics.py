@@ -45,8 +45,10 @@ RETRIES = Counter(
 REF_RESOLUTIONS = Counter(
     _P + "ref_resolutions",
     "Ref names resolved, by how: answered (the repository sent the ref), not_modified (a "
-    "conditional request confirmed this node's last resolution: HTTP 304), offline (every "
-    "mirror unreachable: this node's last resolution used)",
+    "conditional request confirmed this node's last resolution: HTTP 304), pointer (through "
+    "the ref's pointer in packs/refs/: its image was on the node already or came as a delta "
+    "against one that was), offline (every mirror unreachable: this node's last resolution "
+    "used)",
     ["repository", "result"],
     registry=REGISTRY,
 )
@@ -67,7 +69,7 @@ DURATION = Histogram(
 #: The label values the client uses (besides the repository's name).
 RESULTS = ("ok", "not_found", "corrupt", "error")
 RETRY_REASONS = ("connection", "timeout", "http_5xx", "http_429", "http_408", "corrupt")
-REF_RESULTS = ("answered", "not_modified", "offline")
+REF_RESULTS = ("answered", "not_modified", "pointer", "offline")
 
 
 def init_repository(name: str) -> None:

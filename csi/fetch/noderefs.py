@@ -5,6 +5,9 @@ validators (``ETag``, ``Last-Modified``) of that answer (:meth:`csi.store.Store.
 :func:`resolve` uses the record twice:
 
 - the request is conditional (:mod:`csi.fetch.resolving`): an unchanged ref costs a 304;
+- before that, a node holding images tries the ref's pointer (:mod:`csi.fetch.pointers`): an
+  image it holds, or one made from a delta against an image it holds, costs a few small
+  requests instead of the whole image;
 - when every mirror is unreachable (:class:`~csi.fetch.errors.Unreachable`, timeouts included;
   not a 404 or a refusal, which are answers), the recorded digest is used, like
   ``imagePullPolicy: IfNotPresent``, if the repository allows it (``offline_refs``) and a
@@ -24,6 +27,7 @@ from csi.store import RefRecord, Store
 from . import metrics as m
 from .errors import Unreachable
 from .mirrors import Mirrors
+from .pointers import resolve_with_delta
 from .progress import FetchProgress
 from .refs import parse_digest
 from .resolving import Known, Resolved, resolve_ref
@@ -57,13 +61,18 @@ def resolve(
         return resolve_ref(mirrors, ref, progress)
     name = mirrors.name
     rec = store.ref_record(name, ref)
+    known = _known(rec)
     try:
-        res = resolve_ref(mirrors, ref, progress, _known(rec))
+        res = resolve_with_delta(mirrors, ref, store, known, progress)
+        how = "pointer"
+        if res is None:
+            res = resolve_ref(mirrors, ref, progress, known)
+            how = "answered"
     except Unreachable as e:
         if rec is None:
             raise
         return _offline(mirrors, ref, rec, e)
-    m.REF_RESOLUTIONS.labels(name, "not_modified" if res.unchanged else "answered").inc()
+    m.REF_RESOLUTIONS.labels(name, "not_modified" if res.unchanged else how).inc()
     return res
 
 

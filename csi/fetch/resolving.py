@@ -47,7 +47,8 @@ class Resolved:
     and ``source`` (the mirror's identity) of the answer, for the next conditional request;
     ``unchanged``: the answer was a 304 (``digest`` is then the known one); ``offline``: no
     mirror could be reached and ``digest`` is this node's last resolution
-    (:mod:`csi.fetch.noderefs`)."""
+    (:mod:`csi.fetch.noderefs`); ``received``: bytes downloaded to resolve it, when that is not
+    the body's size (a pointer and a delta: :mod:`csi.fetch.pointers`)."""
 
     digest: bytes
     body: mmap.mmap | None = None
@@ -56,6 +57,7 @@ class Resolved:
     source: str | None = None
     unchanged: bool = False
     offline: bool = False
+    received: int | None = None
 
     def close(self) -> None:
         if self.body is not None:

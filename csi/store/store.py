@@ -231,6 +231,10 @@ class Store:
     def has_image(self, digest: bytes) -> bool:
         return self.db.is_image(digest) and self.repo.has_object(digest)
 
+    def holds_images(self) -> bool:
+        """Whether any image is recorded (one row read)."""
+        return bool(self.db.query("SELECT 1 FROM images LIMIT 1"))
+
     def image_objects(self, image: bytes) -> set[bytes]:
         layout.check_digest(image)
         if not self.db.is_image(image):
