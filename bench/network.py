@@ -147,7 +147,10 @@ def prepare(work: Path, spec: TreeSpec, layouts: list[str], registry: oci.Regist
     repos = {}
     for layout in layouts:
         repo = base / f"repo-{layout}"
-        if not (repo / "images" / "refs" / "t" / "v2").exists():
+        # The last thing a build writes: the v2 ref, and with packs its pointer (a repository
+        # built before pointers existed is built again).
+        last = "packs/refs/t/v2" if LAYOUT_FLAGS[layout] else "images/refs/t/v2"
+        if not (repo / last).exists():
             shutil.rmtree(repo, ignore_errors=True)
             for version, tree in (("v1", v1), ("v2", v2)):
                 subprocess.run(
