@@ -33,6 +33,7 @@ from csi.repo.packs import (
     index_relpath,
     parse_index,
 )
+from csi.repo.refdeltas import apply_delta, delta_relpath, parse_pointer, pointer_relpath
 from csi.store import Store
 from tests.fetchkit import store_is_verified
 from tests.nginx import Nginx, static_server
@@ -323,6 +324,21 @@ def test_import_pack_writes_packs_a_node_fetches_from(
     ]
     assert 0 < len([u for u, _, _ in reqs if "/packs/" in u and "/index/" not in u]) < 5
     assert res.objects_fetched == res.objects_total == small + 1  # type: ignore[attr-defined]
+
+    # A second version imported beside the first gets a pointer and a delta from it, as with
+    # build (tests/test_fetch_deltas.py).
+    files[5] = E("d/f003", data=b"changed")
+    source2 = src.tag("v2", src.image([layer_tar(files)]))
+    assert cli(["import", source2, "--repo", str(repo), "--ref", "app:v2", "--pack"]) == 0
+    image2 = Repository(repo).resolve_ref("app:v2")
+    pointer = parse_pointer((repo / pointer_relpath("app:v2")).read_bytes())
+    assert pointer.image == image2 != image and [b for b, _ in pointer.deltas] == [image]
+    made = apply_delta(
+        (repo / "images" / image.hex()).read_bytes(),
+        (repo / delta_relpath(image2, image)).read_bytes(),
+        pointer.size,
+    )
+    assert made == (repo / "images" / image2.hex()).read_bytes()
 
 
 def test_bad_pack_options_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

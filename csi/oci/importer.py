@@ -23,6 +23,7 @@ from csi.image.writer import write_image
 from csi.repo import Repository, validate_ref_name
 from csi.repo import provenance as prov
 from csi.repo.packs import PackOptions, PackReport, pack_tree
+from csi.repo.refdeltas import choose_bases, write_pointer, write_ref_deltas
 
 from .apply import WHITEOUT_PREFIX, Applier, finish_tree
 from .archive import ArchiveSource
@@ -271,5 +272,10 @@ def _publish(
     for digest, record, names in zip(result.images, records, names_per_image, strict=True):
         for name in names:
             prov.record_ref(repo, name, digest, record)  # first: a reader of the ref finds it
-            repo.set_ref(name, digest)
+            if options.pack is None:
+                repo.set_ref(name, digest)
+            else:  # deltas first, then the ref, then its pointer (csi.repo.refdeltas)
+                write_ref_deltas(repo, digest, choose_bases(repo, name, digest))
+                repo.set_ref(name, digest)
+                write_pointer(repo, name, digest)
             result.refs.append(name)
