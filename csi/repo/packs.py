@@ -322,16 +322,7 @@ def write_packs(
         names, [IndexEntry(p, number[n], off, length, enc) for n, off, length, enc, p in rows]
     )
     report.objects = len(rows)
-    with repo.tmp.create("index") as t:
-        data = index.encode()
-        view = memoryview(data)
-        while view:
-            view = view[os.write(t.fd, view) :]
-        os.fchmod(t.fd, 0o644)
-        os.fsync(t.fd)
-        final = repo.root / index_relpath(image)
-        final.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        t.publish(final, replace=True)
+    repo.write_file(repo.root / index_relpath(image), index.encode(), tag="index")
     return report
 
 

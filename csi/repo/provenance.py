@@ -19,7 +19,6 @@ since been moved to another image (:func:`ref_record` checks). Files are replace
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 from . import layout
@@ -55,14 +54,7 @@ def _read(path: str) -> dict[str, Any] | None:
 
 def _write(repo: Repository, path: str, doc: dict[str, Any]) -> None:
     data = (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
-    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-    with repo.tmp.create("provenance") as t:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(t.fd, view) :]
-        os.fchmod(t.fd, 0o644)
-        os.fsync(t.fd)
-        t.publish(path, replace=True)
+    repo.write_file(path, data, tag="provenance")
 
 
 def record_image(repo: Repository, digest: bytes, record: dict[str, Any]) -> None:

@@ -218,7 +218,7 @@ def write_ref_deltas(repo: Repository, image: bytes, bases: list[bytes]) -> Delt
         if final.exists():
             continue
         delta = make_delta(Path(repo.image_path(base)).read_bytes(), data)
-        _publish(repo, final, delta, replace=False)
+        repo.write_file(final, delta, replace=False, tag="delta")
         report.deltas += 1
         report.delta_bytes += len(delta)
     return report
@@ -237,16 +237,5 @@ def write_pointer(repo: Repository, name: str, image: bytes) -> Pointer:
         if layout.is_hex_digest(entry) and len(deltas) < MAX_DELTAS:
             deltas.append((bytes.fromhex(entry), (folder / entry).stat().st_size))
     pointer = Pointer(image, size, deltas)
-    _publish(repo, repo.root / pointer_relpath(name), pointer.encode(), replace=True)
+    repo.write_file(repo.root / pointer_relpath(name), pointer.encode(), tag="pointer")
     return pointer
-
-
-def _publish(repo: Repository, final: Path, data: bytes, *, replace: bool) -> None:
-    with repo.tmp.create("delta") as t:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(t.fd, view) :]
-        os.fchmod(t.fd, 0o644)
-        os.fsync(t.fd)
-        final.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        t.publish(final, replace=replace)

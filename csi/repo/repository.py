@@ -300,6 +300,21 @@ class Repository:
                 return
         self._atomic_symlink(target, path)
 
+    def write_file(
+        self, final: str | os.PathLike[str], data: bytes, *, replace: bool = True, tag: str = "file"
+    ) -> bool:
+        """Write ``data`` durably (mode 0644) and rename it into ``final``, making its folders.
+        Without ``replace`` an existing ``final`` wins and False is returned."""
+        self._writable()
+        with self.tmp.create(tag) as t:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(t.fd, view) :]
+            os.fchmod(t.fd, 0o644)
+            os.fsync(t.fd)
+            os.makedirs(os.path.dirname(final), mode=0o755, exist_ok=True)
+            return t.publish(final, replace=replace)
+
     def set_ref(self, name: str, digest: bytes) -> None:
         """Point ``images/refs/<name>`` at image ``digest`` (atomic replace)."""
         self._writable()
