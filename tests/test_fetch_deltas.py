@@ -286,3 +286,23 @@ def test_a_bad_ref_name_is_refused_before_any_request(world: World, tmp_path: Pa
         c.fetch_image("../../packs/refs/app/v1", store)
     store.close()
     assert requests_since(world, mark) == []
+
+
+def test_bases_are_the_refs_previous_image_and_its_siblings(tmp_path: Path) -> None:
+    from csi.repo.refdeltas import choose_bases
+
+    repo = Repository(tmp_path / "repo", create=True)
+    digests = {}
+    for i, name in enumerate(["app:v1", "db:v1", "team/x/a", "team/x/b", "team/y/c", "lone"]):
+        tree = tmp_path / f"t{i}"
+        write_tree(tree, 10 + i, 3)
+        digests[name] = build(tree, repo.root, name)
+    new = b"\x07" * 32
+    # At the top, the same name before ':' (not every ref at the top); below, the same folder
+    # (not another folder, even for the same name).
+    assert choose_bases(repo, "app:v2", new) == [digests["app:v1"]]
+    assert choose_bases(repo, "team/x/c", new) == [digests["team/x/b"], digests["team/x/a"]]
+    assert choose_bases(repo, "team/y/a", new) == [digests["team/y/c"]]
+    # A ref that moves: its own image first.
+    assert choose_bases(repo, "team/x/a", new)[0] == digests["team/x/a"]
+    assert choose_bases(repo, "other", new) == []

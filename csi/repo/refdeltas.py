@@ -51,7 +51,8 @@ DEFAULT_BASES = 2
 #: (measured on the 100k-file benchmark image: level 3 with default tables 9.7 MB in 0.3 s,
 #: level 6 with 2^25-entry tables 0.94 MB in 1.0 s, level 19 0.97 MB in 20 s).
 LEVEL = 6
-_TABLE_LOG_MAX = 26
+#: At most 2^25-entry hash and chain tables: 128 MiB each while a delta is made.
+_TABLE_LOG_MAX = 25
 #: The largest window a delta may ask for (base and image of up to 1 GiB each).
 WINDOW_LOG_MAX = 31
 
@@ -178,8 +179,9 @@ def choose_bases(
     repo: Repository, name: str, image: bytes, count: int = DEFAULT_BASES
 ) -> list[bytes]:
     """Images a new version of ref ``name`` is likely to be pulled over: the one the ref
-    points to now, then those of the refs beside it (same folder, or same name before ``:``),
-    most recently moved first. Call it before the ref moves."""
+    points to now, then those of the refs beside it (in the same folder; at the top, those
+    with the same name before ``:``), most recently moved first. Call it before the ref
+    moves."""
     out: list[bytes] = []
     refs = repo.root / layout.IMAGES_DIR / layout.REFS_DIR
 
@@ -194,7 +196,11 @@ def choose_bases(
     siblings: list[tuple[float, bytes]] = []
     for other, digest in repo.iter_refs():
         o_folder, _, o_leaf = other.rpartition("/")
-        if other == name or (o_folder != folder and o_leaf.split(":", 1)[0] != family):
+        if folder:  # the same folder
+            beside = o_folder == folder
+        else:  # at the top, the same name before ':' (not every ref at the top)
+            beside = not o_folder and o_leaf.split(":", 1)[0] == family
+        if other == name or not beside:
             continue
         try:
             siblings.append((os.lstat(refs / other).st_mtime, digest))
@@ -217,7 +223,10 @@ def write_ref_deltas(repo: Repository, image: bytes, bases: list[bytes]) -> Delt
         final = repo.root / delta_relpath(image, base)
         if final.exists():
             continue
-        delta = make_delta(Path(repo.image_path(base)).read_bytes(), data)
+        try:
+            delta = make_delta(Path(repo.image_path(base)).read_bytes(), data)
+        except ValueError:  # too large for one window: nodes fetch the image whole
+            continue
         repo.write_file(final, delta, replace=False, tag="delta")
         report.deltas += 1
         report.delta_bytes += len(delta)
