@@ -119,9 +119,10 @@ def _resolve(
     except SourceNotFound:
         _no_pointers[src.identity] = time.monotonic() + NO_POINTERS_FOR
         return None
-    count(b"".join(chunks))
+    text = b"".join(chunks)
+    count(text)
     try:
-        pointer = parse_pointer(b"".join(chunks))
+        pointer = parse_pointer(text)
         if pointer.size > mirrors.config.max_image_size:
             raise PointerError(f"an image of {pointer.size} bytes: over max_image_size")
     except PointerError as e:
@@ -150,12 +151,13 @@ def _resolve(
     for base, length in pointer.deltas:
         if length > pointer.size or not store.has_image(base):
             continue
-        data: list[bytes] = []
-        src.get(delta_relpath(pointer.image, base), data.append, max_size=length)
-        count(b"".join(data))
+        chunks = []
+        src.get(delta_relpath(pointer.image, base), chunks.append, max_size=length)
+        delta = b"".join(chunks)
+        count(delta)
         try:
             with open(store.object_path(base), "rb") as f:
-                made = apply_delta(f.read(), b"".join(data), pointer.size)
+                made = apply_delta(f.read(), delta, pointer.size)
         except (OSError, ValueError) as e:
             log.warning(
                 "repository %r: delta %s -> %s of ref %r unusable: %s",

@@ -558,18 +558,19 @@ class DataPlaneFS(pyfuse3.Operations):
     def _read_ahead(self, view: View, ino: int) -> None:
         """Start reading ahead the files listed after ``ino`` if it is read in turn: into
         the page cache of their inodes where the kernel allows, else of their objects."""
-        items: list[Item] = []
-        objects = []
+        refs: list[tuple[int, bytes, int]] = []
         for nxt in self.readahead.on_read_start(view.slot, ino):
             try:
                 ref = view.file(nxt)
             except ViewError:
                 continue
             if ref.digest is not None:
-                items.append((nxt, self.objects.object_path(ref.digest), ref.size))
-                objects.append((ref.digest, ref.size))
-        if objects and not self.pages.push(items):
-            self.objects.warm(objects)
+                refs.append((nxt, ref.digest, ref.size))
+        if not refs:
+            return
+        items: list[Item] = [(i, self.objects.object_path(d), size) for i, d, size in refs]
+        if not self.pages.push(items):
+            self.objects.warm([(d, size) for _, d, size in refs])
 
     async def _read(self, ref: FileRef, obj: ObjectFile | None, off: int, size: int) -> bytes:
         end = min(off + size, ref.size)
