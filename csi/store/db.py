@@ -18,6 +18,8 @@ from typing import Any
 from csi.sqlite import open_database, write_transaction
 
 SCHEMA_VERSION = 1
+#: Page cache per connection, KiB (SQLite's default is 2000).
+CACHE_KIB = 32 << 10
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -68,6 +70,7 @@ class StateDB:
 
         def setup(c: sqlite3.Connection) -> None:
             c.execute("PRAGMA wal_autocheckpoint = 256")
+            c.execute(f"PRAGMA cache_size = {-CACHE_KIB}")
             c.execute("PRAGMA journal_size_limit = 4194304")
             with write_transaction(c, self._mu) as cur:
                 for stmt in _SCHEMA.split(";\n"):
@@ -123,7 +126,7 @@ class StateDB:
             "INSERT INTO objects VALUES (?, ?, ?, ?, ?) ON CONFLICT(digest) DO UPDATE SET "
             "size = excluded.size, verity = max(verity, excluded.verity), "
             "kind = CASE WHEN excluded.kind = 'image' THEN 'image' ELSE kind END",
-            ((d, size, kind, now, int(verity)) for d, size, kind, verity in rows),
+            sorted((d, size, kind, now, int(verity)) for d, size, kind, verity in rows),
         )
 
     def record_image(self, cur: sqlite3.Cursor, digest: bytes, objects: Iterable[bytes]) -> None:
@@ -134,7 +137,7 @@ class StateDB:
         cur.execute("UPDATE objects SET kind = 'image' WHERE digest = ?", (digest,))
         cur.executemany(
             "INSERT OR IGNORE INTO image_objects VALUES (?, ?)",
-            ((digest, o) for o in objects),
+            ((digest, o) for o in sorted(objects)),
         )
 
     def drop_object(self, cur: sqlite3.Cursor, digest: bytes) -> None:
