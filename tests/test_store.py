@@ -220,6 +220,47 @@ def test_real_image_objects_and_missing(tmp_path: Path) -> None:
         assert s.usage().images == 1 and temp_files(s.root) == []
 
 
+@pytest.mark.parametrize("many", [False, True], ids=["lookups", "listing"])
+def test_missing_among_by_lookups_and_by_listing(
+    store: Store, many: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A large set in a small store is answered from listings of objects/ (one per fan-out
+    # directory) rather than a stat per object; both ways must give the same answer, for the
+    # same odd entries.
+    from csi.store import store as store_mod
+
+    monkeypatch.setattr(store_mod, "LIST_MIN_OBJECTS", 1 if many else 10**9)
+    stat_calls = 0
+    real_has = store.repo.has_object
+
+    def counting_has(d: bytes) -> bool:
+        nonlocal stat_calls
+        stat_calls += 1
+        return real_has(d)
+
+    monkeypatch.setattr(store.repo, "has_object", counting_has)
+    contents = [blob(i, 100 + i) for i in range(40)]
+    for c in contents[:10]:
+        put(store, c)
+    present = {digest_bytes(c) for c in contents[:10]}
+    absent = {digest_bytes(c) for c in contents[10:]}
+    odd = sorted(absent)[:3]
+    # A directory with an object's name, a symlink to a file, a dangling symlink: as
+    # has_object, only a regular file (or a link to one) counts.
+    store.object_path(odd[0]).mkdir(parents=True)
+    target = store.object_path(sorted(present)[0])
+    store.object_path(odd[1]).parent.mkdir(parents=True, exist_ok=True)
+    store.object_path(odd[1]).symlink_to(target)
+    store.object_path(odd[2]).parent.mkdir(parents=True, exist_ok=True)
+    store.object_path(odd[2]).symlink_to(store.root / "nowhere")
+    (store.root / "objects" / "zz").mkdir()  # not a fan-out name: ignored
+    expected = absent - {odd[1]}
+    stat_calls = 0
+    assert store.missing_among(present | absent) == expected
+    assert store.missing_among(set()) == set()
+    assert (stat_calls == 0) == many
+
+
 def test_add_image_bytes_with_objects_listed_by_the_caller(tmp_path: Path) -> None:
     # A caller that validated the image (the fetcher) passes its objects: they are recorded
     # without a second walk, and a parser that would reject the image is not consulted.

@@ -221,7 +221,7 @@ class RepositoryClient:
                     )
                     received += got
             objects = store.image_objects(digest)
-            missing = {d for d in objects if not store.has_object(d)}
+            missing = store.missing_among(objects)
             present = len(objects) - len(missing)
             fetched = 0
             if with_objects:
@@ -267,7 +267,7 @@ class RepositoryClient:
         ``store`` (e.g. for lazy reads). Each download stops at its size: a server that sends
         more fails that attempt. Returns bytes received."""
         prog = progress if progress is not None else FetchProgress()
-        wanted = {d for d in sizes if not store.has_object(d)}
+        wanted = store.missing_among(sizes.keys())
         return self.objects.fetch(store, wanted, dict(sizes), prog)[2]
 
 

@@ -30,7 +30,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -62,6 +62,8 @@ QUARANTINE_DIR = "quarantine"
 _READ_CHUNK = 1 << 20
 #: Extra room asked of GC beyond the object's own size when the disk is full.
 _ROOM_SLACK = 1 << 20
+#: :meth:`Store.missing_among` lists ``objects/`` for at least this many objects.
+LIST_MIN_OBJECTS = 1024
 
 
 def default_image_parser(data: bytes) -> set[bytes]:
@@ -242,7 +244,15 @@ class Store:
         return self.db.image_objects(image)
 
     def missing_objects(self, image: bytes) -> set[bytes]:
-        return {d for d in self.image_objects(image) if not self.repo.has_object(d)}
+        return self.missing_among(self.image_objects(image))
+
+    def missing_among(self, digests: Collection[bytes]) -> set[bytes]:
+        """Which of ``digests`` the store has no object file for. Many, in a store not much
+        larger: from listings of ``objects/`` (a cold fetch of 100k objects looked each up
+        for 0.3 s before its first request); else one lookup each."""
+        if len(digests) >= LIST_MIN_OBJECTS and self.db.totals()[1] <= 4 * len(digests):
+            return self.repo.missing_by_listing(digests)
+        return {d for d in digests if not self.repo.has_object(d)}
 
     def usage(self) -> StoreUsage:
         total, files = self.db.totals()
