@@ -167,11 +167,14 @@ class _Budget:
     def __init__(self, image_size: int) -> None:
         self.left = 2 * image_size + (1 << 16)
 
-    def spend(self, n: int, what: str) -> None:
+    def spend(self, n: int, what: str, nid: int) -> None:
+        """Spend ``n`` on ``what % nid`` (formatted only for the error: this runs several
+        times per inode)."""
         self.left -= n
         if self.left < 0:
             raise FormatError(
-                f"{what}: image structures overlap (more data referenced than the image holds)"
+                f"{what % nid}: image structures overlap (more data referenced than the image "
+                "holds)"
             )
 
 
@@ -807,7 +810,7 @@ class Image:
         while queue:
             d = queue.popleft()
             dino = seen[d]
-            budget.spend(dino.attr.size, f"dir nid {d}")
+            budget.spend(dino.attr.size, "dir nid %d", d)
             entries: list[tuple[bytes, int]] = []
             for name, child, ft in self._iter_raw(d):
                 if name == b".":
@@ -851,26 +854,28 @@ class Image:
             inline = a.size & (BLOCK_SIZE - 1)
         elif a.layout == LAYOUT_CHUNK_BASED:
             inline = ino.data_off - ino.xattr_off - ino.xattr_size
-        budget.spend(_COMPACT_SIZE + ino.xattr_size + inline, f"nid {nid}")
+        budget.spend(_COMPACT_SIZE + ino.xattr_size + inline, "nid %d", nid)
         xattrs: list[tuple[bytes, bytes]] = []
         if ino.xattr_size:
             xattrs = self._parse_xattrs(nid, ino)
             keys = set()
+            spent = 0
             for key, value in xattrs:
                 if key in keys:
                     raise FormatError(f"nid {nid}: duplicate xattr {key!r}")
                 keys.add(key)
-                budget.spend(len(key) + len(value), f"nid {nid} xattrs")
+                spent += len(key) + len(value)
+            budget.spend(spent, "nid %d xattrs", nid)
         if ino.ifmt == stat.S_IFLNK:
             target = self._read_flat(ino, 0, a.size)
             if b"\0" in target:
                 raise FormatError(f"nid {nid}: symlink target contains NUL")
             if a.layout == LAYOUT_FLAT_PLAIN:
-                budget.spend(a.size, f"nid {nid}")
+                budget.spend(a.size, "nid %d", nid)
         elif ino.ifmt == stat.S_IFREG and a.layout == LAYOUT_FLAT_PLAIN:
-            budget.spend(a.size, f"nid {nid}")
+            budget.spend(a.size, "nid %d", nid)
         elif ino.ifmt == stat.S_IFREG and a.layout == LAYOUT_FLAT_INLINE:
-            budget.spend(a.size - inline, f"nid {nid}")
+            budget.spend(a.size - inline, "nid %d", nid)
         elif external is not None and ino.ifmt == stat.S_IFREG and a.layout == LAYOUT_CHUNK_BASED:
             external[nid] = xattrs
         return ino
