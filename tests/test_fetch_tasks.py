@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from csi.fetch.progress import FetchProgress
-from csi.fetch.tasks import Task, TaskTable
+from csi.fetch.tasks import Task, TaskTable, Waiter
 
 
 def test_a_task_ends_once_and_calls_each_waiter_once() -> None:
@@ -88,3 +88,41 @@ def test_settle_takes_the_task_out_of_the_table() -> None:
     assert created and not created_again and again is task and task.interest == 2
     table.settle(store, b"\x01" * 32, task, result=(False, 0))
     assert table.inflight == {} and task.result == (False, 0)
+
+
+class _Batches(Waiter):
+    def __init__(self) -> None:
+        self.calls: list[list[Task]] = []
+
+    def many(self, tasks: list[Task]) -> None:
+        self.calls.append(list(tasks))
+
+
+def test_settle_many_ends_each_task_once_and_calls_a_waiter_once_per_batch(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    table = TaskTable()
+    store = object()
+    prog = FetchProgress()
+    tasks = [table.register(store, bytes([i]) * 32, 10, prog)[0] for i in range(5)]
+    batches = _Batches()
+    plain: list[Task] = []
+    for t in tasks:
+        t.add_done_callback(batches)
+        t.add_done_callback(plain.append)  # not a Waiter: once per task
+
+    def broken(t: Task) -> None:
+        raise ValueError("a waiter's bug")
+
+    tasks[0].add_done_callback(broken)
+    assert tasks[4].end(result=(False, 0))  # ended alone first: its own call, left as it is
+    with caplog.at_level(logging.ERROR, logger="csi.fetch.tasks"):
+        table.settle_many(store, [(bytes([i]) * 32, tasks[i], (True, i)) for i in range(5)])
+    assert [t.result for t in tasks] == [(True, 0), (True, 1), (True, 2), (True, 3), (False, 0)]
+    assert batches.calls == [[tasks[4]], tasks[:4]]
+    assert plain == [tasks[4], *tasks[:4]]
+    assert "a waiter's bug" in caplog.text
+    assert table.inflight == {}  # every task left the table, the early one too
+    batches.calls.clear()
+    tasks[1].add_done_callback(batches)  # after the end: called at once, alone
+    assert batches.calls == [[tasks[1]]]

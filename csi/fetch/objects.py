@@ -23,7 +23,7 @@ from .errors import FetchError
 from .naming import Failed, Named
 from .packs import RangeJob, plan
 from .progress import FetchProgress
-from .tasks import Cancelled, Outcome, Task, TaskTable, chain
+from .tasks import Cancelled, Outcome, Task, TaskTable, Waiter, chain
 
 log = logging.getLogger(__name__)
 
@@ -124,48 +124,15 @@ class ObjectFetcher:
             for d, task in new:
                 self._start(store, d, task)
         # Each task is counted (and reported to ``prog``) as it ends, by a callback in the
-        # thread that ends it; this thread waits for the last one, or for the first error.
-        mu = threading.Lock()
-        finished = threading.Event()
-        all_ended = threading.Event()
-        left = unended = len(mine)
-        fetched = shared = received = 0
-        error: BaseException | None = None
-        over = False  # set once this thread has taken the result: later callbacks only count
-
-        def ended(t: Task) -> None:
-            nonlocal left, unended, fetched, shared, received, error
-            d, created = mine[t]
-            exc = t.error
-            with mu:
-                unended -= 1
-                if not unended:
-                    all_ended.set()
-                if over:
-                    return
-                if exc is not None:
-                    error = error or exc
-                    finished.set()
-                    return
-                stored, got = t.result
-                mine_now = created and stored
-                if mine_now:
-                    fetched += 1
-                else:
-                    shared += 1
-                if created:
-                    received += got
-                left -= 1
-                if not left:
-                    finished.set()
-            prog.object_done(sizes.get(d, 0), fetched=mine_now)
-
+        # thread that ends it (once per batch of tasks ended together); this thread waits
+        # for the last one, or for the first error.
+        waiter = _FetchWaiter(mine, sizes, prog)
         for t in mine:
-            t.add_done_callback(ended)
-        finished.wait()
-        with mu:
-            over = True
-            failed = error
+            t.add_done_callback(waiter)
+        waiter.finished.wait()
+        with waiter.mu:
+            waiter.over = True
+            failed = waiter.error
         if failed is not None:
             with self.tasks.mu:
                 for t in mine:
@@ -174,9 +141,9 @@ class ObjectFetcher:
             # Downloads already running go on to their end (those nobody wants any more are
             # skipped when they would start). Wait for them: the caller's pin must cover
             # them, or the room they make on a full disk (GC) could be this very image.
-            all_ended.wait()
+            waiter.all_ended.wait()
             raise failed
-        return fetched, shared, received
+        return waiter.fetched, waiter.shared, waiter.received
 
     # -- in-process downloads --------------------------------------------------------------
 
@@ -352,6 +319,7 @@ class ObjectFetcher:
             received[p] = received.get(p, 0) + n.received
         for p, k in received.items():
             p.downloaded(k)
+        ok: list[tuple[bytes, Task, Outcome]] = []
         for n in named:
             task = tasks[n.digest]
             if error is not None and n.new:
@@ -365,7 +333,8 @@ class ObjectFetcher:
                 else:
                     self.tasks.settle(store, n.digest, task, error=error)
             else:
-                self.tasks.settle(store, n.digest, task, result=(n.new, n.received))
+                ok.append((n.digest, task, (n.new, n.received)))
+        self.tasks.settle_many(store, ok)
         for r in results:
             if not isinstance(r, Failed):
                 continue
@@ -374,6 +343,60 @@ class ObjectFetcher:
                 log.info("repository %r: %s; fetching it in-process", self.name, r.message)
             else:  # final: the worker already tried every mirror
                 self.tasks.settle(store, r.digest, tasks[r.digest], error=r.to_exception())
+
+
+class _FetchWaiter(Waiter):
+    """What one :meth:`ObjectFetcher.fetch` call waits on: counts its tasks as they end and
+    reports them to its progress, a batch at a time; ``finished`` is set once all ended
+    well or one failed, ``all_ended`` once all ended."""
+
+    def __init__(
+        self, mine: dict[Task, tuple[bytes, bool]], sizes: dict[bytes, int], prog: FetchProgress
+    ) -> None:
+        self.mine = mine
+        self.sizes = sizes
+        self.prog = prog
+        self.mu = threading.Lock()
+        self.finished = threading.Event()
+        self.all_ended = threading.Event()
+        self.left = self.unended = len(mine)
+        self.fetched = self.shared = self.received = 0
+        self.error: BaseException | None = None
+        self.over = False  # set once the fetch has taken the result: later calls only count
+
+    def many(self, tasks: list[Task]) -> None:
+        mine, sizes = self.mine, self.sizes
+        done = [0, 0]  # objects (present, fetched by us)
+        size = [0, 0]
+        with self.mu:
+            self.unended -= len(tasks)
+            if not self.unended:
+                self.all_ended.set()
+            if self.over:
+                return
+            for t in tasks:
+                exc = t.error
+                if exc is not None:
+                    self.error = self.error or exc
+                    self.finished.set()
+                    continue
+                d, created = mine[t]
+                stored, got = t.result
+                ours = created and stored
+                if ours:
+                    self.fetched += 1
+                else:
+                    self.shared += 1
+                if created:
+                    self.received += got
+                done[ours] += 1
+                size[ours] += sizes.get(d, 0)
+                self.left -= 1
+            if not self.left:
+                self.finished.set()
+        for ours in (False, True):
+            if done[ours]:
+                self.prog.objects_done(done[ours], size[ours], fetched=ours)
 
 
 def _range_tasks(ranges: list[RangeJob], tasks: dict[bytes, Task]) -> list[tuple[bytes, Task]]:

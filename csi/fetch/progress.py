@@ -115,11 +115,15 @@ class FetchProgress:
             self._listener(snap)
 
     def object_done(self, size: int, *, fetched: bool) -> None:
+        self.objects_done(1, size, fetched=fetched)
+
+    def objects_done(self, count: int, size: int, *, fetched: bool) -> None:
+        """``count`` objects of ``size`` bytes in all are done."""
         with self._lock:
             if fetched:
-                self._objects_fetched += 1
+                self._objects_fetched += count
             else:
-                self._objects_present += 1
+                self._objects_present += count
             self._bytes_done += size
             snap = self._snap() if self._due() else None
         if snap is not None and self._listener is not None:

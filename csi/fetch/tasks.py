@@ -66,7 +66,8 @@ class Task:
         return self._result
 
     def add_done_callback(self, fn: Callable[[Task], None]) -> None:
-        """Call ``fn(task)`` once the task has ended (now, if it has)."""
+        """Call ``fn(task)`` once the task has ended (now, if it has). A ``fn`` that is a
+        :class:`Waiter` is called once per batch of tasks ended together (:func:`end_many`)."""
         with _mu:
             if not self._done:
                 if self._callbacks is None:
@@ -99,6 +100,48 @@ class Task:
 _mu = threading.Lock()
 
 
+class Waiter:
+    """A done-callback that takes the tasks ended together in one call (:meth:`many`): a
+    chunk of a bulk fetch ends thousands at once, and one call (with its locks) per task
+    was a serial cost of the fetching process."""
+
+    def __call__(self, task: Task) -> None:
+        self.many([task])
+
+    def many(self, tasks: list[Task]) -> None:
+        raise NotImplementedError
+
+
+def end_many(ends: list[tuple[Task, Outcome]]) -> None:
+    """End each task with its outcome (those that ended already are left as they are), then
+    call the callbacks: a :class:`Waiter` once with all of its tasks, others once per task."""
+    calls: list[tuple[Task, list[Callable[[Task], None]]]] = []
+    with _mu:
+        for task, result in ends:
+            if task._done:
+                continue
+            task._done = True
+            task._result = result
+            callbacks, task._callbacks = task._callbacks, None
+            if callbacks:
+                calls.append((task, callbacks))
+    waiters: dict[int, tuple[Waiter, list[Task]]] = {}
+    for task, callbacks in calls:
+        for fn in callbacks:
+            if isinstance(fn, Waiter):
+                waiters.setdefault(id(fn), (fn, []))[1].append(task)
+                continue
+            try:
+                fn(task)
+            except Exception:
+                log.exception("callback of a download task failed")
+    for waiter, tasks in waiters.values():
+        try:
+            waiter.many(tasks)
+        except Exception:
+            log.exception("callback of a download task failed")
+
+
 class TaskTable:
     """Downloads in flight, by (store, digest). ``mu`` guards the table and every task's
     ``interest``."""
@@ -123,6 +166,17 @@ class TaskTable:
     def forget(self, store: object, digest: bytes) -> None:
         with self.mu:
             self.inflight.pop((id(store), digest), None)
+
+    def settle_many(self, store: object, ends: list[tuple[bytes, Task, Outcome]]) -> None:
+        """:meth:`settle` with a result, for many tasks at once (one lock, one callback per
+        :class:`Waiter`)."""
+        sid = id(store)
+        with self.mu:
+            inflight = self.inflight
+            for digest, task, _ in ends:
+                if inflight.get((sid, digest)) is task:
+                    del inflight[(sid, digest)]
+        end_many([(task, result) for _, task, result in ends])
 
     def settle(
         self,
