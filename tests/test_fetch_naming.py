@@ -22,7 +22,8 @@ def _written(store: Store, data: bytes) -> naming.Written:
     """A temp file as a worker leaves it: written and verified, not named."""
     obj = bulk._TempObject(str(store.repo.tmp.path), store.repo.tmp.owner(), digest_bytes(data))
     obj.write(data)
-    return naming.Written(obj.digest, obj.path, obj.keep(), len(data))
+    obj.keep()
+    return obj.kept()
 
 
 def _temps(store: Store) -> list[str]:
@@ -93,6 +94,64 @@ def test_a_failed_sync_names_nothing_and_removes_the_temp_files(
     if kind == "FetchError":  # a disk error says where to look
         assert all("fsck" in o.message for o in out)  # type: ignore[union-attr]
     assert not any(store.has_object(w.digest) for w in written)
+    assert _temps(store) == []
+    store.close()
+
+
+def _fd_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError as e:
+        assert e.errno == errno.EBADF
+        return False
+    return True
+
+
+@pytest.mark.parametrize("sync_fails", [False, True])
+def test_a_worker_names_files_through_the_descriptors_that_wrote_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sync_fails: bool
+) -> None:
+    # A worker that may keep descriptors (fs-verity off) hands each file to the naming step
+    # still open: no second open; every descriptor is closed whatever happens; a budget of
+    # one keeps one.
+    store = Store(tmp_path / "s")
+    monkeypatch.setattr(bulk._fds, "left", 1)
+    blobs = [os.urandom(4000 + i) for i in range(2)]
+    objs = []
+    for b in blobs:
+        obj = bulk._TempObject(str(store.repo.tmp.path), store.repo.tmp.owner(), digest_bytes(b))
+        obj.write(b)
+        obj.keep()
+        objs.append(obj.kept())
+    assert objs[0].fd >= 0 and _fd_open(objs[0].fd) and objs[1].fd == -1
+    if sync_fails:
+
+        def syncfs(root: Path) -> None:
+            raise OSError(errno.EIO, "I/O error")
+
+        monkeypatch.setattr(batch, "syncfs", syncfs)
+    opened: list[str] = []
+    real_open = os.open
+
+    def counting_open(path: str, *a: object, **k: object) -> int:
+        opened.append(str(path))
+        return real_open(path, *a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(naming.os, "open", counting_open)
+    out = naming.name_written(
+        list(objs), str(store.repo.tmp.path), str(store.repo.root), fsync=True, verity=False
+    )
+    # Only the file closed after writing is opened again (the sync opens the directory).
+    assert [p for p in opened if p.endswith(WORKER_TEMP_SUFFIX)] == [objs[1].path]
+    assert not _fd_open(objs[0].fd)
+    if sync_fails:
+        assert [type(o) for o in out] == [naming.Failed, naming.Failed]
+        assert not any(store.has_object(w.digest) for w in objs)
+    else:
+        assert all(isinstance(o, naming.Named) and o.new for o in out)
+        for w, data in zip(objs, blobs, strict=True):
+            assert store.object_path(w.digest).read_bytes() == data
+            assert store.object_path(w.digest).stat().st_mode & 0o777 == 0o644
     assert _temps(store) == []
     store.close()
 

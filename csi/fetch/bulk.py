@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import logging
 import multiprocessing
 import os
@@ -47,6 +48,7 @@ from .errors import SourceCorrupt, SourceError
 from .http import HttpSource, Request
 from .mirrors import Mirrors
 from .naming import Failed, Named, Written, name_written
+from .naming import verity_known as naming_verity
 from .packs import RangeEntry, RangeJob, RangeSplitter, decode
 from .source import Response, Source
 
@@ -82,7 +84,7 @@ class _TempObject:
     def __init__(self, tmpdir: str, tag: str, digest: bytes) -> None:
         self.digest = digest
         self.got = 0  # bytes received (passed to write)
-        self.path = os.path.join(tmpdir, f"{tag}-{secrets.token_hex(8)}{WORKER_TEMP_SUFFIX}")
+        self.path = os.path.join(tmpdir, f"{tag}-{_temp_name()}{WORKER_TEMP_SUFFIX}")
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
             self.writer = ObjectWriter(TempFile(self.path, self.fd, -1), digest)
@@ -95,7 +97,9 @@ class _TempObject:
         self.got += len(chunk)
 
     def keep(self, kind: str = "object") -> int:
-        """Write out, verify and close: the file then holds exactly the object. Its size."""
+        """Write out and verify: the file then holds exactly the object. Its size. The
+        descriptor stays open (:attr:`fd`) while the chunk may keep it (:data:`_fds`), for
+        the naming step; otherwise it is closed (-1)."""
         try:
             self.writer.finish()
             actual = self.writer.digest()
@@ -103,10 +107,19 @@ class _TempObject:
             self.writer.close()
         if actual != self.digest:
             raise DigestMismatch(self.digest, actual, f"{kind} {self.digest.hex()}")
-        os.fchmod(self.fd, 0o644)
-        fd, self.fd = self.fd, -1
-        os.close(fd)
+        if not _mode_exact:
+            os.fchmod(self.fd, 0o644)
+        if not _fds.take():
+            fd, self.fd = self.fd, -1
+            os.close(fd)
         return self.writer.size
+
+    def kept(self, received: int | None = None) -> Written:
+        """What :meth:`keep` leaves for the naming step (the open descriptor goes with it);
+        ``received``: bytes to count for it (default: those written)."""
+        fd, self.fd = self.fd, -1
+        got = self.got if received is None else received
+        return Written(self.digest, self.path, self.writer.size, got, fd)
 
     def discard(self) -> None:
         """Close and remove the temp file (idempotent)."""
@@ -126,7 +139,7 @@ class _TempSink:
     def __init__(self, tmpdir: str, tag: str) -> None:
         self.tmpdir = tmpdir
         self.tag = tag
-        self.written: list[tuple[bytes, str, int]] = []
+        self.written: list[Written] = []
 
     def ensure(
         self,
@@ -139,15 +152,70 @@ class _TempSink:
         obj = _TempObject(self.tmpdir, self.tag, digest)
         try:
             fill(obj.writer)
-            size = obj.keep(kind)
+            obj.keep(kind)
         except BaseException:
             obj.discard()
             raise
-        self.written.append((digest, obj.path, size))
+        self.written.append(obj.kept())
         return True
 
 
 # -- worker process -----------------------------------------------------------------------------
+
+
+class _FdBudget:
+    """How many written files a chunk may keep open until they are named (set by
+    :func:`_init` from the open-files limit; none in a process that did not run it)."""
+
+    __slots__ = ("left", "per_chunk")
+
+    def __init__(self) -> None:
+        self.per_chunk = 0
+        self.left = 0
+
+    def take(self) -> bool:
+        if self.left <= 0:
+            return False
+        self.left -= 1
+        return True
+
+
+#: Keeping the descriptor that wrote a file until it is named saves closing and opening it
+#: again (two of the ten-odd system calls per object); not where fs-verity is enabled, which
+#: refuses a file open for writing.
+_fds = _FdBudget()
+#: Whether a file created with mode 0644 gets exactly 0644 (the umask takes nothing from it):
+#: then no ``fchmod`` per object.
+_mode_exact = False
+#: Temp names: this process's random part and a counter (no random bytes per file).
+_name_prefix: str | None = None
+_name_count = itertools.count()
+
+
+def _temp_name() -> str:
+    if _name_prefix is None:
+        return secrets.token_hex(8)
+    return f"{_name_prefix}{next(_name_count):x}"
+
+
+def _limits_setup() -> None:
+    """At a worker's start: its open-files budget, whether the umask keeps 0644, and its
+    temp-name prefix."""
+    global _mode_exact, _name_prefix
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    # Room for the worker's own descriptors (connections, the store's lock files).
+    _fds.per_chunk = max(0, min(soft - 512, 1 << 16))
+    mask = os.umask(0o022)
+    os.umask(mask)
+    _mode_exact = mask & 0o644 == 0
+    _name_prefix = secrets.token_hex(6)
+
 
 _client: Downloader | None = None  # the worker's downloader (one per process; set by _init)
 _parallel = 1  # requests a worker runs at once (set by _init)
@@ -172,6 +240,7 @@ def _init(
     else:
         logging.basicConfig(level=log_level)
     _client = Downloader(Mirrors(config))
+    _limits_setup()
     _exit_with(parent)
 
 
@@ -239,14 +308,22 @@ def _fetch_chunk(
     before = _counters()
     results: dict[bytes, Written | Failed] = {}
     src = downloader.mirrors.sources[0]
-    if ranges:
-        again = _from_ranges(downloader, src, tmpdir, tag, items, ranges, results)
-    elif isinstance(src, HttpSource) and len(items) > 1 and _parallel > 1:
-        again = _first_attempts(downloader, src, tmpdir, tag, items, results)
-    else:
-        again = [(d, size, None, 0) for d, size in items]
-    for digest, size, prior, got in again:
-        results[digest] = _fetch_one(downloader, tmpdir, tag, digest, size, prior, got)
+    # fs-verity refuses a file open for writing: keep descriptors only where it is off.
+    _fds.left = _fds.per_chunk if not verity or naming_verity() is False else 0
+    try:
+        if ranges:
+            again = _from_ranges(downloader, src, tmpdir, tag, items, ranges, results)
+        elif isinstance(src, HttpSource) and len(items) > 1 and _parallel > 1:
+            again = _first_attempts(downloader, src, tmpdir, tag, items, results)
+        else:
+            again = [(d, size, None, 0) for d, size in items]
+        for digest, size, prior, got in again:
+            results[digest] = _fetch_one(downloader, tmpdir, tag, digest, size, prior, got)
+    except BaseException:
+        for r in results.values():  # not named: the temp files are left to the cleaner
+            if isinstance(r, Written) and r.fd >= 0:
+                os.close(r.fd)
+        raise
     named = name_written([results[d] for d, _ in items], tmpdir, repo_root, fsync, verity)
     after = _counters()
     delta: CounterDelta = [
@@ -288,7 +365,7 @@ def _first_attempts(
                 continue
             if isinstance(outcome, Response):
                 try:
-                    n = obj.keep()
+                    obj.keep()
                 except DigestMismatch as e:
                     obj.discard()
                     again.append((digest, size, downloader.attempt_failed(e, obj.got), obj.got))
@@ -298,7 +375,7 @@ def _first_attempts(
                     results[digest] = _no_space(digest, subject, e)
                     continue
                 downloader.attempt_ok(obj.got, stored=True)
-                results[digest] = Written(digest, obj.path, n, obj.got)
+                results[digest] = obj.kept()
                 continue
             obj.discard()
             if isinstance(outcome, SourceError):
@@ -352,7 +429,7 @@ def _from_ranges(
             return
         try:
             obj.write(body)
-            n = obj.keep()
+            obj.keep()
         except DigestMismatch as err:
             obj.discard()
             again[e.digest] = (e.digest, e.size, downloader.attempt_failed(err, got), got)
@@ -362,7 +439,7 @@ def _from_ranges(
             results[e.digest] = _no_space(e.digest, subject, err)
             return
         downloader.attempt_ok(got, stored=True)
-        results[e.digest] = Written(e.digest, obj.path, n, got)
+        results[e.digest] = obj.kept(got)
 
     def rest_of(job: RangeJob, source: Source) -> None:
         """One attempt at the entries of ``job`` not settled yet."""
@@ -456,8 +533,8 @@ def _fetch_one(
         return Failed(digest, type(e).__name__, str(e), e.subject, received)
     except (StoreFull, OSError) as e:
         return _no_space(digest, subject, e)
-    d, path, n = sink.written[-1]
-    return Written(d, path, n, received + got)
+    w = sink.written[-1]
+    return w._replace(received=received + got)
 
 
 # -- parent ---------------------------------------------------------------------------------------

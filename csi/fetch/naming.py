@@ -28,12 +28,14 @@ from . import errors
 
 
 class Written(NamedTuple):
-    """An object a worker wrote and verified: ``path`` holds exactly its ``size`` bytes."""
+    """An object a worker wrote and verified: ``path`` holds exactly its ``size`` bytes.
+    ``fd``: the descriptor that wrote it, still open (-1: closed), for :func:`name_written`."""
 
     digest: bytes
     path: str
     size: int
     received: int
+    fd: int = -1
 
 
 class Named(NamedTuple):
@@ -72,6 +74,12 @@ class Failed:
 _verity: bool | None = None
 
 
+def verity_known() -> bool | None:
+    """Whether this process found that the store's filesystem enables fs-verity (None: it
+    has not tried yet)."""
+    return _verity
+
+
 def name_written(
     results: list[Written | Failed], tmpdir: str, repo_root: str, fsync: bool, verity: bool
 ) -> list[Named | Failed]:
@@ -85,6 +93,9 @@ def name_written(
     todo: list[tuple[int, Written, TempFile]] = []
     for i, r in enumerate(results):
         if not isinstance(r, Written):
+            continue
+        if r.fd >= 0:  # the descriptor that wrote it: its writeback errors reach it too
+            todo.append((i, r, TempFile(r.path, -1, r.fd)))
             continue
         try:
             fd = os.open(r.path, os.O_RDONLY | os.O_CLOEXEC)
