@@ -30,9 +30,8 @@ import stat
 import struct
 from collections import OrderedDict, deque
 from collections.abc import Iterator
-from dataclasses import dataclass
 from types import TracebackType
-from typing import Final
+from typing import Final, NamedTuple
 
 from . import erofs as E
 from .errors import FormatError
@@ -104,9 +103,9 @@ _DIR_CACHE: Final = 256
 _BLOCK_CACHE: Final = 128
 
 
-@dataclass(frozen=True, slots=True)
-class Attr:
-    """One inode as stored in the image."""
+class Attr(NamedTuple):
+    """One inode as stored in the image. (A named tuple: one is made per inode of a walk,
+    and a frozen dataclass took 2 us of a 100k-inode walk's 10 to build.)"""
 
     nid: int
     #: What the kernel shows as ``st_ino``: the nid.
