@@ -463,3 +463,32 @@ def test_invalid_arguments(tmp_path: Path) -> None:
             s.ensure(b"short", writing(b""))
         with pytest.raises(ValueError):
             s.ensure(bytes(32), writing(b""), kind="blob")  # type: ignore[arg-type]
+
+
+def test_a_store_made_with_the_by_object_index_loses_it_and_keeps_its_rows(
+    tmp_path: Path,
+) -> None:
+    # Stores made before 2026-12-07 indexed image rows by object; no query used it, and it
+    # cost a third of recording an image. Opening such a store drops it, rows intact.
+    import sqlite3
+
+    contents = [blob(i, 300 + i) for i in range(3)]
+    img, digests = real_image(contents)
+    with Store(tmp_path / "s") as s:
+        d = s.add_image_bytes(img)
+    con = sqlite3.connect(tmp_path / "s" / "state.db")
+    con.execute("CREATE INDEX image_objects_by_object ON image_objects(object)")
+    con.commit()
+    con.close()
+
+    def indexes() -> set[str]:
+        c = sqlite3.connect(tmp_path / "s" / "state.db")
+        try:
+            return {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+        finally:
+            c.close()
+
+    assert "image_objects_by_object" in indexes()
+    with Store(tmp_path / "s") as s:
+        assert s.image_objects(d) == digests
+    assert "image_objects_by_object" not in indexes()
