@@ -105,7 +105,8 @@ _BLOCK_CACHE: Final = 128
 
 class Attr(NamedTuple):
     """One inode as stored in the image. (A named tuple: one is made per inode of a walk,
-    and a frozen dataclass took 2 us of a 100k-inode walk's 10 to build.)"""
+    and a frozen dataclass, built with a setattr per field, made a 100k-inode walk 7%
+    slower.)"""
 
     nid: int
     #: What the kernel shows as ``st_ino``: the nid.

@@ -211,7 +211,7 @@ class Repository:
         as :meth:`has_object` counts it: a regular file, or a symlink to one."""
         by_dir: dict[str, list[bytes]] = {}
         for d in digests:
-            by_dir.setdefault(d[:1].hex(), []).append(d)
+            by_dir.setdefault(layout.check_digest(d)[:1].hex(), []).append(d)
         missing: set[bytes] = set()
         for xx, wanted in by_dir.items():
             try:
