@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from csi import __version__
 from csi.cli.packing import add_pack_arguments
+from csi.limits import raise_open_files_limit
 
 EPILOG = """\
 Publishing:   composefs-csi build ./tree --repo ./repo --ref app:v1
@@ -281,6 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func = getattr(module, getattr(args, "func_name", "run"))
     if args.command not in GC_DEFAULT_COMMANDS:
         tune_gc()
+    raise_open_files_limit()  # claims, workers and the data plane hold many files open
     try:
         return int(func(args))
     except KeyboardInterrupt:

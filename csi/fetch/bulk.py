@@ -37,6 +37,7 @@ from pathlib import Path
 from prometheus_client import Counter
 
 from csi.image.fsverity import register_idle_thread
+from csi.limits import raise_open_files_limit
 from csi.repo.tmpfiles import WORKER_TEMP_SUFFIX, TempFile, pid_alive
 from csi.store import DigestMismatch, ObjectWriter, StoreFull
 
@@ -202,13 +203,7 @@ def _limits_setup() -> None:
     """At a worker's start: its open-files budget, whether the umask keeps 0644, and its
     temp-name prefix."""
     global _mode_exact, _name_prefix
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
+    soft = raise_open_files_limit()
     # Room for the worker's own descriptors (connections, the store's lock files).
     _fds.per_chunk = max(0, min(soft - 512, 1 << 16))
     mask = os.umask(0o022)

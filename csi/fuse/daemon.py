@@ -22,6 +22,7 @@ import trio
 
 from csi.image.errors import FormatError
 from csi.image.reader import Image
+from csi.limits import raise_open_files_limit
 from csi.repo import layout
 
 from . import metrics, mounting
@@ -393,7 +394,7 @@ def start_metrics_server(address: str) -> None:
 
 def run_daemon(config: DataPlaneConfig) -> None:
     """Mount and serve until SIGINT/SIGTERM; always unmounts before returning."""
-    mounting.raise_fd_limit()
+    raise_open_files_limit()
     plane = DataPlane(config)
     plane.mount()
     # After the mount: the chart's readiness probe is this port, and ready means mounted.

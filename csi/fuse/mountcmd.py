@@ -14,9 +14,9 @@ from pathlib import Path
 import trio
 
 from csi.fetch import RepositoryClient, RepositoryConfig
+from csi.limits import raise_open_files_limit
 from csi.store import Store
 
-from . import mounting
 from .config import DEFAULT_MOUNT_OPTIONS, DataPlaneConfig
 from .daemon import DataPlane
 from .sources import RepositoryObjectSource, StoreHandle
@@ -53,7 +53,7 @@ def mount_command(
             store.touch(digest)
             store.lease(holder, [digest])
         log.info("image %s (%s)", digest.hex(), ref)
-        mounting.raise_fd_limit()
+        raise_open_files_limit()
         plane = DataPlane(
             DataPlaneConfig(
                 mountpoint=mountpoint,

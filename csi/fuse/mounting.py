@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -113,13 +112,3 @@ def set_read_ahead(mountpoint: Path, kb: int) -> bool:
         log.warning("cannot set %s to %d: %s", path, kb, e.strerror)
         return False
     return True
-
-
-def raise_fd_limit() -> None:
-    """Lift the soft open-files limit to the hard limit (objects are held open)."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -1,0 +1,45 @@
+"""The open-files limit: every command, fetch worker and data plane raises its soft limit to the
+hard one (claims, workers and the data plane hold many files open)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+PROBE = textwrap.dedent(
+    """
+    import resource, sys
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))
+    if sys.argv[1] == "function":
+        from csi.limits import raise_open_files_limit
+        got = raise_open_files_limit()
+    else:  # the command line: a command that does nothing else of note
+        from csi.cli.main import main
+        main(["gc", "--dry-run", "--store", sys.argv[2]])
+        got = None
+    print(got, *resource.getrlimit(resource.RLIMIT_NOFILE))
+    """
+)
+
+
+def _probe(*args: str) -> list[str]:
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, *args],
+        cwd=REPO_ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    return out[-3:]
+
+
+def test_the_soft_limit_is_raised_to_the_hard_one(tmp_path: Path) -> None:
+    got, soft, hard = _probe("function")
+    assert soft == hard and got == soft
+    _, soft, hard = _probe("cli", str(tmp_path / "store"))
+    assert soft == hard
