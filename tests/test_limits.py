@@ -43,3 +43,22 @@ def test_the_soft_limit_is_raised_to_the_hard_one(tmp_path: Path) -> None:
     assert soft == hard and got == soft
     _, soft, hard = _probe("cli", str(tmp_path / "store"))
     assert soft == hard
+
+
+def test_a_fetch_worker_keeps_few_enough_files_open_for_select() -> None:
+    # A worker keeps the files it writes open until they are named, but never so many that a
+    # connection it opens meanwhile gets a descriptor pycurl's select cannot watch (1024+).
+    code = textwrap.dedent(
+        """
+        import resource
+        from csi.fetch import bulk
+        bulk._limits_setup()
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        print(bulk._fds.per_chunk, soft)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, check=True, capture_output=True, text=True
+    ).stdout.split()
+    per_chunk, soft = int(out[0]), int(out[1])
+    assert 0 < per_chunk <= 640 and per_chunk <= soft - 512

@@ -185,6 +185,8 @@ class _FdBudget:
 #: again (two of the ten-odd system calls per object); not where fs-verity is enabled, which
 #: refuses a file open for writing.
 _fds = _FdBudget()
+#: At most this many per chunk (see :func:`_limits_setup`).
+KEPT_FDS_MAX = 640
 #: Whether a file created with mode 0644 gets exactly 0644 (the umask takes nothing from it):
 #: then no ``fchmod`` per object.
 _mode_exact = False
@@ -204,8 +206,10 @@ def _limits_setup() -> None:
     temp-name prefix."""
     global _mode_exact, _name_prefix
     soft = raise_open_files_limit()
-    # Room for the worker's own descriptors (connections, the store's lock files).
-    _fds.per_chunk = max(0, min(soft - 512, 1 << 16))
+    # Room for the worker's own descriptors (pipes, connections), and all of them below
+    # FD_SETSIZE: a connection opened while files are kept gets the lowest free number, and
+    # the multi handle's wait (pycurl's select) does not see a descriptor of 1024 or more.
+    _fds.per_chunk = max(0, min(soft - 512, KEPT_FDS_MAX))
     mask = os.umask(0o022)
     os.umask(mask)
     _mode_exact = mask & 0o644 == 0
