@@ -164,7 +164,14 @@ def composition(h: Harness) -> Figures:
 
 
 def lazy(h: Harness) -> Figures:
-    """``fetch: lazy``: the publish fetches no file contents; the pod's reads do."""
+    """``fetch: lazy``: the publish does not wait for file contents (the data plane starts
+    fetching them in the background as the view is made, and reads fetch what they need
+    first); every file then reads verified."""
+    from csi.image.reader import Image
+
+    digest = h.digests["lazy:1"].removeprefix("sha256:")
+    with Image.open(h.repo / "images" / digest) as img:
+        objects = len(img.object_digests())
     t0 = time.time()
     before = h.object_requests()
     at_publish: list[int] = []
@@ -177,9 +184,17 @@ def lazy(h: Harness) -> Figures:
     )
     _check_reads(h, r, t0)
     after = h.object_requests() - before
-    assert at_publish == [0], f"a lazy publish downloaded {at_publish} objects before any read"
-    assert after > 0, "reading a lazy volume downloaded nothing"
-    return {"objects at publish": "0", "objects after reading": str(after)}
+    # An eager publish returns with every object local; this one returns at once, while the
+    # background fetch has at most begun (0 of the 14 objects in most runs, 2 in one).
+    assert len(at_publish) == 1 and at_publish[0] < objects // 2, (
+        f"a lazy publish returned after {at_publish} of the image's {objects} objects were "
+        "downloaded: it waited for them"
+    )
+    assert after >= objects, f"reading a lazy volume downloaded {after} of {objects} objects"
+    return {
+        "objects at publish": f"{at_publish[0]} of {objects}",
+        "objects after reading": str(after),
+    }
 
 
 def persistent(h: Harness) -> Figures:
