@@ -82,18 +82,7 @@ class Task:
         if it had ended already."""
         if error is None and result is None:
             raise ValueError("a task ends with a result or an error")
-        with _mu:
-            if self._done:
-                return False
-            self._done = True
-            self._result, self._error = result, error
-            callbacks, self._callbacks = self._callbacks, None
-        for fn in callbacks or ():
-            try:
-                fn(self)
-            except Exception:  # as a Future does: one waiter's bug does not stop the others
-                log.exception("callback of a download task failed")
-        return True
+        return end_many([(self, result, error)]) == 1
 
 
 #: Guards every task's end and callbacks (held for a few instructions at a time).
@@ -112,16 +101,19 @@ class Waiter:
         raise NotImplementedError
 
 
-def end_many(ends: list[tuple[Task, Outcome]]) -> None:
-    """End each task with its outcome (those that ended already are left as they are), then
-    call the callbacks: a :class:`Waiter` once with all of its tasks, others once per task."""
+def end_many(ends: list[tuple[Task, Outcome | None, BaseException | None]]) -> int:
+    """End each task with its outcome or error (those that ended already are left as they
+    are), then call the callbacks: a :class:`Waiter` once with all of its tasks, others once
+    per task (as a Future does, one waiter's bug does not stop the others). How many ended."""
     calls: list[tuple[Task, list[Callable[[Task], None]]]] = []
+    ended = 0
     with _mu:
-        for task, result in ends:
+        for task, result, error in ends:
             if task._done:
                 continue
+            ended += 1
             task._done = True
-            task._result = result
+            task._result, task._error = result, error
             callbacks, task._callbacks = task._callbacks, None
             if callbacks:
                 calls.append((task, callbacks))
@@ -140,6 +132,7 @@ def end_many(ends: list[tuple[Task, Outcome]]) -> None:
             waiter.many(tasks)
         except Exception:
             log.exception("callback of a download task failed")
+    return ended
 
 
 class TaskTable:
@@ -176,7 +169,7 @@ class TaskTable:
             for digest, task, _ in ends:
                 if inflight.get((sid, digest)) is task:
                     del inflight[(sid, digest)]
-        end_many([(task, result) for _, task, result in ends])
+        end_many([(task, result, None) for _, task, result in ends])
 
     def settle(
         self,
