@@ -220,7 +220,10 @@ class RepositoryClient:
                         follow_image_link=True,
                     )
                     received += got
-            objects = store.image_objects(digest)
+            if image_fetched and body_sizes is not None:
+                objects = set(body_sizes)  # what was just recorded for it
+            else:
+                objects = store.image_objects(digest)
             missing = store.missing_among(objects)
             present = len(objects) - len(missing)
             fetched = 0

@@ -14,6 +14,7 @@ import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from csi import gcpause
 from csi.repo.packs import PackIndex
 from csi.store import Store, is_no_space
 
@@ -113,16 +114,17 @@ class ObjectFetcher:
             )
         mine: dict[Task, tuple[bytes, bool]] = {}
         new: list[tuple[bytes, Task]] = []
-        for d in sorted(missing):
-            task, created = self.tasks.register(store, d, sizes.get(d), prog)
-            mine[task] = (d, created)
-            if created:
-                new.append((d, task))
-        if self.uses_bulk(len(new)):
-            self._start_bulk(store, new, index)
-        else:
-            for d, task in new:
-                self._start(store, d, task)
+        with gcpause.paused():  # a task per object, and its plan: all alive until they end
+            for d in sorted(missing):
+                task, created = self.tasks.register(store, d, sizes.get(d), prog)
+                mine[task] = (d, created)
+                if created:
+                    new.append((d, task))
+            if self.uses_bulk(len(new)):
+                self._start_bulk(store, new, index)
+            else:
+                for d, task in new:
+                    self._start(store, d, task)
         # Each task is counted (and reported to ``prog``) as it ends, by a callback in the
         # thread that ends it (once per batch of tasks ended together); this thread waits
         # for the last one, or for the first error.
