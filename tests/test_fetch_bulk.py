@@ -25,7 +25,7 @@ from csi.fetch import (
 )
 from csi.image.fsverity import digest_bytes
 from csi.metrics import REGISTRY
-from csi.repo.tmpfiles import WORKER_TEMP_SUFFIX
+from csi.repo.tmpfiles import WORKER_DIR_SUFFIX, WORKER_TEMP_SUFFIX
 from csi.store import Store
 from tests.fetchkit import Fault, FaultProxy, World, serve_world, store_is_verified
 
@@ -69,7 +69,14 @@ def metric(name: str, **labels: str) -> float:
 
 
 def worker_temps(store: Path) -> list[Path]:
-    return list((store / ".tmp").glob(f"*{WORKER_TEMP_SUFFIX}"))
+    """Worker temp files in the store's temp area (fetch workers write in directories of
+    their own there)."""
+    tmp = store / ".tmp"
+    return [*tmp.glob(f"*{WORKER_TEMP_SUFFIX}"), *tmp.glob(f"*{WORKER_DIR_SUFFIX}/*")]
+
+
+def worker_dirs(store: Path) -> list[Path]:
+    return list((store / ".tmp").glob(f"*{WORKER_DIR_SUFFIX}"))
 
 
 def _processes(test: Callable[[Path], bool]) -> set[int]:
@@ -101,7 +108,10 @@ def test_bulk_fetch_is_complete_verified_and_counted(world: World, tmp_path: Pat
     store = Store(tmp_path / "s")
     with bulk_client(f"http://127.0.0.1:{world.port}/", "bulk-a") as c:
         res = c.fetch_image("app:v1", store)
+        # Each worker wrote in a directory of its own (kept while the client lives).
+        assert worker_dirs(store.root) and worker_temps(store.root) == []
         again = c.fetch_image("nested/app:v2", store)  # shares 90%: only the rest is fetched
+    assert worker_dirs(store.root) == []  # removed with the workers
     assert res.objects_fetched == res.objects_total > 8
     assert store.missing_objects(world.images["app:v1"]) == set()
     assert store.missing_objects(world.images["nested/app:v2"]) == set()
@@ -242,8 +252,9 @@ def test_kill9_during_bulk_fetch_leaves_nothing(
     while _forkserver_processes() - before and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _forkserver_processes() - before, "orphaned worker processes"
-    with Store(root) as s:  # the dead fetch's worker files are removed
+    with Store(root) as s:  # the dead fetch's worker files are removed, with their directories
         assert worker_temps(root) == []
+        assert worker_dirs(root) == []
         assert s.recovery.temp_removed >= 1
     store_is_verified(root)
     store = Store(root)

@@ -19,8 +19,9 @@ from csi.repo import (
     RefNotFound,
     Repository,
     UnsupportedRepository,
+    tmpfiles,
 )
-from csi.repo.tmpfiles import TempArea
+from csi.repo.tmpfiles import TempArea, remove_worker_dirs, rename_noreplace, worker_dir
 
 from ._storekit import blob, files_under, temp_files
 
@@ -238,6 +239,75 @@ def test_temp_area_cleans_only_dead_writers(tmp_path: Path) -> None:
     assert live.path.exists() and not dead.path.exists()
     live.discard()
     assert temp_files(tmp_path) == []
+
+
+def test_worker_dirs_go_with_their_owner(tmp_path: Path) -> None:
+    """A fetch worker writes in a directory of its own, named after the owner it works for:
+    the cleaner removes it, files and all, once that owner is gone, and keeps a live
+    owner's; the owner removes its pool's directories itself when its workers are done."""
+    area = TempArea(tmp_path / ".tmp")
+    tmp = str(area.path)
+    live = area.owner()
+    dead = "ab" * 16  # an owner id nobody holds
+    mine = worker_dir(tmp, f"{live}-p1", "w1")
+    other_pool = worker_dir(tmp, f"{live}-p2", "w1")
+    gone = worker_dir(tmp, f"{dead}-p1", "w2")
+    assert worker_dir(tmp, f"{live}-p1", "w1") == mine  # made once
+    Path(mine, "a.worker.tmp").write_bytes(b"1")
+    Path(other_pool, "b.worker.tmp").write_bytes(b"22")
+    Path(gone, "c.worker.tmp").write_bytes(b"333")
+    Path(gone, "d.worker.tmp").write_bytes(b"4444")
+    assert area.leftovers() == (2, 7)
+    assert area.clean() == 2
+    assert not os.path.exists(gone)
+    assert os.listdir(mine) == ["a.worker.tmp"] and os.listdir(other_pool) == ["b.worker.tmp"]
+    assert remove_worker_dirs(tmp, f"{live}-p1") == 1
+    assert not os.path.exists(mine) and os.path.exists(other_pool)
+    assert remove_worker_dirs(tmp, f"{live}-p1") == 0
+
+
+@pytest.mark.parametrize("noreplace", [True, False], ids=["renameat2", "look-then-rename"])
+def test_rename_noreplace_never_replaces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, noreplace: bool
+) -> None:
+    if not noreplace:
+        monkeypatch.setattr(tmpfiles, "_noreplace_ok", False)
+    elif tmpfiles._renameat2 is None:
+        pytest.skip("this C library has no renameat2")
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.write_bytes(b"new")
+    assert rename_noreplace(src, dst) is True
+    assert dst.read_bytes() == b"new" and not src.exists()
+    src.write_bytes(b"newer")
+    assert rename_noreplace(src, dst) is False  # the name is taken: it stays as it was
+    assert dst.read_bytes() == b"new" and src.read_bytes() == b"newer"
+    with pytest.raises(FileNotFoundError):
+        rename_noreplace(tmp_path / "missing", tmp_path / "x")
+
+
+def test_rename_noreplace_falls_back_where_the_filesystem_refuses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A filesystem without RENAME_NOREPLACE answers EINVAL: the rename is done by looking
+    first, and from then on without asking again."""
+    import ctypes
+    import errno
+
+    calls: list[bytes] = []
+
+    def refuse(_a: int, src: bytes, _b: int, _dst: bytes, _flags: int) -> int:
+        calls.append(src)
+        ctypes.set_errno(errno.EINVAL)
+        return -1
+
+    monkeypatch.setattr(tmpfiles, "_renameat2", refuse)
+    monkeypatch.setattr(tmpfiles, "_noreplace_ok", True)
+    (tmp_path / "a").write_bytes(b"a")
+    (tmp_path / "b").write_bytes(b"b")
+    assert rename_noreplace(tmp_path / "a", tmp_path / "c") is True
+    assert rename_noreplace(tmp_path / "b", tmp_path / "c") is False
+    assert (tmp_path / "c").read_bytes() == b"a" and (tmp_path / "b").exists()
+    assert len(calls) == 1 and tmpfiles._noreplace_ok is False
 
 
 def test_lock_is_exclusive_and_removes_its_file(tmp_path: Path) -> None:

@@ -38,7 +38,13 @@ from prometheus_client import Counter
 
 from csi.image.fsverity import register_idle_thread
 from csi.limits import raise_open_files_limit
-from csi.repo.tmpfiles import WORKER_TEMP_SUFFIX, TempFile, pid_alive
+from csi.repo.tmpfiles import (
+    WORKER_TEMP_SUFFIX,
+    TempFile,
+    pid_alive,
+    remove_worker_dirs,
+    worker_dir,
+)
 from csi.store import DigestMismatch, ObjectWriter, StoreFull
 
 from . import errors
@@ -195,6 +201,20 @@ _name_prefix: str | None = None
 _name_count = itertools.count()
 
 
+#: This worker's temp directory in each temp area, by (temp area, owner).
+_dirs: dict[tuple[str, str], str] = {}
+
+
+def _own_dir(tmpdir: str, owner: str) -> str:
+    """The directory this worker writes its temp files in for ``owner`` (one per worker:
+    see :data:`csi.repo.tmpfiles.WORKER_DIR_SUFFIX`)."""
+    key = (tmpdir, owner)
+    path = _dirs.get(key)
+    if path is None or not os.path.isdir(path):  # removed behind our back: made again
+        path = _dirs[key] = worker_dir(tmpdir, owner, _name_prefix or secrets.token_hex(6))
+    return path
+
+
 def _temp_name() -> str:
     if _name_prefix is None:
         return secrets.token_hex(8)
@@ -289,7 +309,8 @@ def _fetch_chunk(
     fsync: bool,
     verity: bool,
 ) -> ChunkResult:
-    """Worker: fetch ``items`` (digest, size) into temp files under ``tmpdir``, then make
+    """Worker: fetch ``items`` (digest, size) into temp files in this worker's directory of
+    ``tmpdir`` (:func:`_own_dir`), then make
     them durable (``fsync``: the store syncs its writes) and name them under ``repo_root``,
     the store's repository, with fs-verity if ``verity`` (:func:`csi.fetch.naming.name_written`).
 
@@ -309,15 +330,16 @@ def _fetch_chunk(
     src = downloader.mirrors.sources[0]
     # fs-verity refuses a file open for writing: keep descriptors only where it is off.
     _fds.left = _fds.per_chunk if not verity or naming_verity() is False else 0
+    own = _own_dir(tmpdir, tag)
     try:
         if ranges:
-            again = _from_ranges(downloader, src, tmpdir, tag, items, ranges, results)
+            again = _from_ranges(downloader, src, own, tag, items, ranges, results)
         elif isinstance(src, HttpSource) and len(items) > 1 and _parallel > 1:
-            again = _first_attempts(downloader, src, tmpdir, tag, items, results)
+            again = _first_attempts(downloader, src, own, tag, items, results)
         else:
             again = [(d, size, None, 0) for d, size in items]
         for digest, size, prior, got in again:
-            results[digest] = _fetch_one(downloader, tmpdir, tag, digest, size, prior, got)
+            results[digest] = _fetch_one(downloader, own, tag, digest, size, prior, got)
     except BaseException:
         for r in results.values():  # not named: the temp files are left to the cleaner
             if isinstance(r, Written) and r.fd >= 0:
@@ -558,6 +580,10 @@ class BulkPool:
         self._pool: ProcessPoolExecutor | None = None
         self._warming = False
         self._closed = False
+        self._id = secrets.token_hex(4)
+        #: (temp area, tag) of every fetch handed to the workers: their directories there
+        #: are removed once the workers have ended.
+        self._areas: set[tuple[str, str]] = set()
 
     def _executor(self) -> ProcessPoolExecutor:
         with self._lock:
@@ -617,9 +643,13 @@ class BulkPool:
         ranges (:mod:`csi.fetch.packs`) where they can.
         """
         pool = self._executor()
+        # Marks the temp files and directories as the owner's, and as this pool's.
+        tag = f"{owner}-{self._id}"
+        with self._lock:
+            self._areas.add((str(tmpdir), tag))
         try:
             results, delta = pool.submit(
-                _fetch_chunk, str(tmpdir), owner, items, ranges, str(repo_root), fsync, verity
+                _fetch_chunk, str(tmpdir), tag, items, ranges, str(repo_root), fsync, verity
             ).result()
         except BrokenProcessPool:
             with self._lock:
@@ -638,3 +668,7 @@ class BulkPool:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            areas, self._areas = self._areas, set()
+        for tmpdir, tag in areas:
+            remove_worker_dirs(tmpdir, tag)

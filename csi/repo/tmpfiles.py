@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
+import ctypes.util
 import errno
 import fcntl
 import os
@@ -33,7 +35,7 @@ import secrets
 import struct
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 LOCKS_DIR = "locks"
@@ -44,6 +46,11 @@ OWNER_SUFFIX = ".owner"
 #: without a lock, named ``<owner id of the process they work for>-<random><suffix>``: in use
 #: while that owner lives.
 WORKER_TEMP_SUFFIX = ".worker.tmp"
+#: Suffix of the directory a fetch worker process writes its temp files in,
+#: ``<owner id>-<random>.worker.d`` (:func:`worker_dir`): in use while that owner lives.
+#: Four workers creating files in one directory queue on its lock (and make it large: a
+#: directory never shrinks); each in its own, their file creations took a fifth less CPU.
+WORKER_DIR_SUFFIX = ".worker.d"
 _OWNER_ID = re.compile(r"[0-9a-f]{32}")
 #: Seconds a pid-named temp file of an older version is taken as in use while that pid exists.
 LEGACY_MARK_MAX_AGE = 86400.0
@@ -63,6 +70,62 @@ _KEY_LOCK_NAME = re.compile(r"keys(-[0-9]+)?\.lock")
 
 # struct flock (Linux, 64-bit off_t): l_type, l_whence, l_start, l_len, l_pid, padding.
 _FLOCK = "@hhqqi4x"
+
+
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+
+
+def _load_renameat2() -> Callable[..., int] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):  # no renameat2 in this C library
+        return None
+    c_int, c_str = ctypes.c_int, ctypes.c_char_p
+    fn.argtypes = [c_int, c_str, c_int, c_str, ctypes.c_uint]
+    fn.restype = c_int
+    return fn
+
+
+_renameat2 = _load_renameat2()
+#: False once a filesystem refused RENAME_NOREPLACE (then: look, then rename).
+_noreplace_ok = _renameat2 is not None
+
+
+def rename_noreplace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> bool:
+    """Rename ``src`` to ``dst`` unless ``dst`` exists (then False, ``src`` stays).
+
+    One ``renameat2(RENAME_NOREPLACE)``: no look first, and no window in which a file named
+    meanwhile is replaced. Where the filesystem does not have it, ``lstat`` then ``rename``
+    (a file named in between is replaced by one with the same content: objects are named by
+    their digest). Other errors are raised as :class:`OSError`.
+    """
+    global _noreplace_ok
+    s, d = os.fsencode(src), os.fsencode(dst)
+    if _noreplace_ok and _renameat2 is not None:
+        if _renameat2(_AT_FDCWD, s, _AT_FDCWD, d, _RENAME_NOREPLACE) == 0:
+            return True
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            return False
+        if err not in (errno.EINVAL, errno.ENOSYS):
+            raise OSError(err, os.strerror(err), src, None, dst)
+        _noreplace_ok = False
+    if os.path.lexists(d):
+        return False
+    os.rename(s, d)
+    return True
+
+
+def worker_dir(tmpdir: str, owner: str, name: str) -> str:
+    """``<tmpdir>/<owner>-<name>.worker.d`` (created if needed): where a worker process
+    working for ``owner`` writes its temp files. :meth:`TempArea.clean` removes it with its
+    files once that owner is gone; :func:`remove_worker_dirs` when its workers are done."""
+    path = os.path.join(tmpdir, f"{owner}-{name}{WORKER_DIR_SUFFIX}")
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    return path
 
 
 def pid_alive(pid: int) -> bool:
@@ -101,16 +164,17 @@ class TempFile:
         """Rename into ``final``. Without ``replace``, an existing ``final`` wins: the temp
         file is discarded and False returned."""
         self.close_write()
-        if not replace and os.path.lexists(final):
-            self.discard()
-            return False
+        move = os.rename if replace else rename_noreplace
         try:
-            os.rename(self.path, final)
+            moved = move(self.path, final)
         except FileNotFoundError:
             if self.lock_fd < 0 or os.fstat(self.lock_fd).st_nlink == 0:
                 raise  # the temp file itself is gone
             Path(final).parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-            os.rename(self.path, final)
+            moved = move(self.path, final)
+        if moved is False:  # ``final`` exists: it wins
+            self.discard()
+            return False
         self._release()
         return True
 
@@ -425,6 +489,11 @@ class TempArea:
             return 0, 0
         for e in entries:
             if e.is_dir(follow_symlinks=False):
+                if e.name.endswith(WORKER_DIR_SUFFIX) and not self._marked_live(e.name):
+                    for f in _files_in(e.path):
+                        files += 1
+                        with contextlib.suppress(OSError):
+                            size += f.stat(follow_symlinks=False).st_size
                 continue
             if e.is_symlink() or e.name.endswith(WORKER_TEMP_SUFFIX):
                 stale = not self._marked_live(e.name)
@@ -464,6 +533,9 @@ class TempArea:
                 continue
             for e in entries:
                 if e.is_dir(follow_symlinks=False):
+                    worker = d == self.path and e.name.endswith(WORKER_DIR_SUFFIX)
+                    if worker and not self._marked_live(e.name):
+                        removed += _remove_dir(e.path)
                     continue
                 if d != self.path and _KEY_LOCK_NAME.fullmatch(e.name):
                     continue  # permanent; their range locks are held by live processes
@@ -490,6 +562,40 @@ class TempArea:
                 raise
             return 0
         return 1
+
+
+def remove_worker_dirs(tmpdir: str | os.PathLike[str], owner: str) -> int:
+    """Remove the worker directories made for ``owner`` in ``tmpdir`` (:func:`worker_dir`;
+    ``owner`` may be an owner id with more after it, ``<id>-<pool>``), with their files, once
+    those workers have ended; returns how many files were in them."""
+    removed = 0
+    try:
+        entries = list(os.scandir(tmpdir))
+    except FileNotFoundError:
+        return 0
+    for e in entries:
+        if e.name.startswith(f"{owner}-") and e.name.endswith(WORKER_DIR_SUFFIX):
+            removed += _remove_dir(e.path)
+    return removed
+
+
+def _files_in(path: str) -> list[os.DirEntry[str]]:
+    try:
+        return [e for e in os.scandir(path) if not e.is_dir(follow_symlinks=False)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _remove_dir(path: str) -> int:
+    """Remove a worker directory and the files in it (its worker is gone); how many files."""
+    removed = 0
+    for e in _files_in(path):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(e.path)
+            removed += 1
+    with contextlib.suppress(OSError):
+        os.rmdir(path)
+    return removed
 
 
 def _locked(path: Path) -> bool:
