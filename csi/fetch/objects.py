@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from csi import gcpause
@@ -113,18 +114,22 @@ class ObjectFetcher:
                 repository=self.name,
             )
         mine: dict[Task, tuple[bytes, bool]] = {}
-        new: list[tuple[bytes, Task]] = []
+
+        def register(d: bytes) -> Task | None:
+            """Register the task of ``d`` in ``mine``: it if this fetch created it (and is to
+            start it), None if another fetch runs it already."""
+            task, created = self.tasks.register(store, d, sizes.get(d), prog)
+            mine[task] = (d, created)
+            return task if created else None
+
         with gcpause.paused():  # a task per object, and its plan: all alive until they end
-            for d in sorted(missing):
-                task, created = self.tasks.register(store, d, sizes.get(d), prog)
-                mine[task] = (d, created)
-                if created:
-                    new.append((d, task))
-            if self.uses_bulk(len(new)):
-                self._start_bulk(store, new, index)
+            if self.uses_bulk(len(missing)):
+                self._start_bulk(store, missing, sizes, register, index)
             else:
-                for d, task in new:
-                    self._start(store, d, task)
+                for d in sorted(missing):
+                    task = register(d)
+                    if task is not None:
+                        self._start(store, d, task)
         # Each task is counted (and reported to ``prog``) as it ends, by a callback in the
         # thread that ends it (once per batch of tasks ended together); this thread waits
         # for the last one, or for the first error.
@@ -185,22 +190,32 @@ class ObjectFetcher:
     # -- worker processes ------------------------------------------------------------------
 
     def _start_bulk(
-        self, store: Store, new: list[tuple[bytes, Task]], index: PackIndex | None
+        self,
+        store: Store,
+        missing: set[bytes],
+        sizes: dict[bytes, int],
+        register: Callable[[bytes], Task | None],
+        index: PackIndex | None,
     ) -> None:
-        """Hand ``new`` tasks to the worker processes, a chunk per job of the thread pool:
-        with a pack index, first those it places in packs, a few ranges per chunk."""
+        """Register the tasks of ``missing`` and hand the new ones to the worker processes, a
+        chunk per job of the thread pool: with a pack index, first those it places in packs,
+        a few ranges per chunk. Each chunk goes as soon as its tasks are registered: the
+        workers start on the first while the rest are (100k tasks take about 0.4 s)."""
         assert self.bulk is not None
+        rest = sorted(missing)
         if index is not None:
-            tasks = dict(new)
-            ranges, rest = plan(index, {d: t.size or 0 for d, t in new})
-            self._submit_ranges(store, tasks, ranges)
-            new = [(d, t) for d, t in new if d in rest]
+            ranges, unpacked = plan(index, {d: sizes.get(d, 0) for d in rest})
+            self._submit_ranges(store, register, ranges)
+            rest = [d for d in rest if d in unpacked]
         per_chunk = max(
-            _BULK_CHUNK_MIN, min(_BULK_CHUNK, -(-len(new) // (2 * self.bulk.processes)))
+            _BULK_CHUNK_MIN, min(_BULK_CHUNK, -(-len(rest) // (2 * self.bulk.processes)))
         )
         chunk: list[tuple[bytes, Task]] = []
         size = 0
-        for d, task in new:
+        for d in rest:
+            task = register(d)
+            if task is None:
+                continue
             chunk.append((d, task))
             size += task.size or 0
             if len(chunk) >= per_chunk or size >= _BULK_CHUNK_BYTES:
@@ -210,16 +225,31 @@ class ObjectFetcher:
             self._submit_bulk(store, chunk)
 
     def _submit_ranges(
-        self, store: Store, tasks: dict[bytes, Task], ranges: list[RangeJob]
+        self,
+        store: Store,
+        register: Callable[[bytes], Task | None],
+        ranges: list[RangeJob],
     ) -> None:
         """Chunks of up to ``_RANGES_PER_CHUNK`` ranges (``_BULK_CHUNK_BYTES`` at most), and
-        at least two per worker."""
+        at least two per worker. A chunk carries the objects whose tasks this fetch created
+        (its ranges' other entries are read past)."""
         assert self.bulk is not None
         if not ranges:
             return
         per_chunk = max(1, min(_RANGES_PER_CHUNK, -(-len(ranges) // (2 * self.bulk.processes))))
         group: list[RangeJob] = []
         size = count = 0
+
+        def submit() -> None:
+            chunk = [
+                (e.digest, task)
+                for job in group
+                for e in job.entries
+                if (task := register(e.digest)) is not None
+            ]
+            if chunk:
+                self._submit_bulk(store, chunk, group)
+
         for job in ranges:
             group.append(job)
             size += job.length
@@ -229,10 +259,10 @@ class ObjectFetcher:
                 or size >= _BULK_CHUNK_BYTES
                 or count >= _RANGE_CHUNK_OBJECTS
             ):
-                self._submit_bulk(store, _range_tasks(group, tasks), group)
+                submit()
                 group, size, count = [], 0, 0
         if group:
-            self._submit_bulk(store, _range_tasks(group, tasks), group)
+            submit()
 
     def _submit_bulk(
         self,
@@ -399,7 +429,3 @@ class _FetchWaiter(Waiter):
         for ours in (False, True):
             if done[ours]:
                 self.prog.objects_done(done[ours], size[ours], fetched=ours)
-
-
-def _range_tasks(ranges: list[RangeJob], tasks: dict[bytes, Task]) -> list[tuple[bytes, Task]]:
-    return [(e.digest, tasks[e.digest]) for job in ranges for e in job.entries]
