@@ -3,15 +3,18 @@ the same results, errors and metrics as in-process downloads; nothing left behin
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,6 +26,7 @@ from csi.fetch import (
     RetryPolicy,
     Unreachable,
 )
+from csi.fetch import objects as objects_mod
 from csi.image.fsverity import digest_bytes
 from csi.metrics import REGISTRY
 from csi.repo.tmpfiles import WORKER_DIR_SUFFIX, WORKER_TEMP_SUFFIX
@@ -262,6 +266,59 @@ def test_kill9_during_bulk_fetch_leaves_nothing(
         res = c.fetch_image("app:v1", store)
     assert store.missing_objects(res.image) == set()
     store_is_verified(root)
+
+
+def test_chunks_are_claimed_only_when_a_worker_is_free(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two chunk threads per worker, but a chunk's claim (a lock per object) is taken only
+    once a worker is free to take it: never more chunks claimed and not yet back from a
+    worker than there are workers (then recording what came back overlaps the next)."""
+    store = Store(tmp_path / "s")
+    staged = peak = 0
+    mu = threading.Lock()
+    mine_now = threading.local()
+    real_claim = Store.claim
+
+    def leave() -> None:
+        nonlocal staged
+        if getattr(mine_now, "staged", False):
+            mine_now.staged = False
+            with mu:
+                staged -= 1
+
+    @contextlib.contextmanager
+    def claim(self: Store, digests: Iterable[bytes]) -> Iterator[set[bytes]]:
+        nonlocal staged, peak
+        with real_claim(self, digests) as mine:
+            with mu:
+                staged += 1
+                peak = max(peak, staged)
+            mine_now.staged = True
+            try:
+                yield mine
+            finally:
+                leave()
+
+    monkeypatch.setattr(Store, "claim", claim)
+    with bulk_client(f"http://127.0.0.1:{world.port}/", "bulk-slots") as c:
+        assert c.objects.bulk is not None
+        real_fetch = c.objects.bulk.fetch
+
+        def slow_fetch(*a: Any, **k: Any) -> Any:
+            try:
+                time.sleep(0.05)  # the other chunk threads try to claim meanwhile
+                return real_fetch(*a, **k)
+            finally:
+                leave()  # back from the worker
+
+        monkeypatch.setattr(c.objects.bulk, "fetch", slow_fetch)
+        monkeypatch.setattr(objects_mod, "_BULK_CHUNK", 2)
+        monkeypatch.setattr(objects_mod, "_BULK_CHUNK_MIN", 1)
+        res = c.fetch_image("app:v1", store)
+    assert res.objects_fetched == res.objects_total >= 8
+    assert store.missing_objects(res.image) == set()
+    assert 1 <= peak <= 2  # bulk_client's 2 workers (4 chunk threads)
 
 
 def test_bulk_job_skips_objects_no_fetch_wants_any_more(tmp_path: Path) -> None:
