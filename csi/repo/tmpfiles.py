@@ -47,9 +47,10 @@ OWNER_SUFFIX = ".owner"
 #: while that owner lives.
 WORKER_TEMP_SUFFIX = ".worker.tmp"
 #: Suffix of the directory a fetch worker process writes its temp files in,
-#: ``<owner id>-<random>.worker.d`` (:func:`worker_dir`): in use while that owner lives.
-#: Four workers creating files in one directory queue on its lock (and make it large: a
-#: directory never shrinks); each in its own, their file creations took a fifth less CPU.
+#: ``<owner id>-<pool>-<random>.worker.d`` (:func:`worker_dir`): in use while that owner
+#: lives. Four workers creating files in one directory queue on its lock (and make it large:
+#: a directory never shrinks); each in its own, creating and naming 100k files took about a
+#: fifth less kernel time (micro-benchmark: 3.4-3.7 s against 4.3 s).
 WORKER_DIR_SUFFIX = ".worker.d"
 _OWNER_ID = re.compile(r"[0-9a-f]{32}")
 #: Seconds a pid-named temp file of an older version is taken as in use while that pid exists.
@@ -97,9 +98,9 @@ def rename_noreplace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -
     """Rename ``src`` to ``dst`` unless ``dst`` exists (then False, ``src`` stays).
 
     One ``renameat2(RENAME_NOREPLACE)``: no look first, and no window in which a file named
-    meanwhile is replaced. Where the filesystem does not have it, ``lstat`` then ``rename``
-    (a file named in between is replaced by one with the same content: objects are named by
-    their digest). Other errors are raised as :class:`OSError`.
+    meanwhile is replaced. Where the filesystem does not have it, ``lstat`` then ``rename``,
+    as before (a file named in between is replaced). Other errors are raised as
+    :class:`OSError`.
     """
     global _noreplace_ok
     s, d = os.fsencode(src), os.fsencode(dst)
@@ -172,7 +173,7 @@ class TempFile:
                 raise  # the temp file itself is gone
             Path(final).parent.mkdir(mode=0o755, parents=True, exist_ok=True)
             moved = move(self.path, final)
-        if moved is False:  # ``final`` exists: it wins
+        if not replace and not moved:  # ``final`` exists: it wins
             self.discard()
             return False
         self._release()
