@@ -15,7 +15,6 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from csi import gcpause
 from csi.repo.packs import PackIndex
 from csi.store import Store, is_no_space
 
@@ -121,20 +120,19 @@ class ObjectFetcher:
         mine: dict[Task, tuple[bytes, bool]] = {}
 
         def register(d: bytes) -> Task | None:
-            """Register the task of ``d`` in ``mine``: it if this fetch created it (and is to
-            start it), None if another fetch runs it already."""
+            """Register the task of ``d`` in ``mine``; return it if this fetch created it (and
+            is to start it), None if another fetch runs it already."""
             task, created = self.tasks.register(store, d, sizes.get(d), prog)
             mine[task] = (d, created)
             return task if created else None
 
-        with gcpause.paused():  # a task per object, and its plan: all alive until they end
-            if self.uses_bulk(len(missing)):
-                self._start_bulk(store, missing, sizes, register, index)
-            else:
-                for d in sorted(missing):
-                    task = register(d)
-                    if task is not None:
-                        self._start(store, d, task)
+        if self.uses_bulk(len(missing)):
+            self._start_bulk(store, missing, sizes, register, index)
+        else:
+            for d in sorted(missing):
+                task = register(d)
+                if task is not None:
+                    self._start(store, d, task)
         # Each task is counted (and reported to ``prog``) as it ends, by a callback in the
         # thread that ends it (once per batch of tasks ended together); this thread waits
         # for the last one, or for the first error.

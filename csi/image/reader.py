@@ -33,8 +33,6 @@ from collections.abc import Iterator
 from types import TracebackType
 from typing import Final, NamedTuple
 
-from csi import gcpause
-
 from . import erofs as E
 from .errors import FormatError
 from .tree import DIGEST_SIZE, HardLink, Node, Tree
@@ -889,9 +887,8 @@ class Image:
         """
         budget = _Budget(self._size)
         seen: dict[int, _Ino] = {}
-        with gcpause.paused():
-            for _ in self._walk(budget, seen):
-                pass
+        for _ in self._walk(budget, seen):
+            pass
 
     def inodes(self) -> Iterator[int]:
         """Every nid reachable from the root, each once, breadth-first (validating as it goes)."""
@@ -929,9 +926,8 @@ class Image:
         declares: an object of another size simply fails its digest when fetched."""
         seen: dict[int, _Ino] = {}
         external: dict[int, list[tuple[bytes, bytes]]] = {}
-        with gcpause.paused():  # everything the walk allocates lives until it ends
-            for _ in self._walk(_Budget(self._size), seen, external):
-                pass
+        for _ in self._walk(_Budget(self._size), seen, external):
+            pass
         out: dict[bytes, int] = {}
         for nid, xattrs in external.items():
             payload, digest = _backing(xattrs)
