@@ -459,11 +459,11 @@ def test_objects_are_reported_done_as_they_end(world: World, tmp_path: Path) -> 
 def test_small_objects_get_more_requests_in_flight(monkeypatch: pytest.MonkeyPatch) -> None:
     """Over a round trip, one request per object is paced by the round trip: a worker runs
     more of them at once when they are small (up to 4x its share of the concurrency)."""
-    from csi.fetch import bulk
+    from csi.fetch import worker
 
-    monkeypatch.setattr(bulk, "_parallel", 4)
+    monkeypatch.setattr(worker, "_parallel", 4)
     d = b"\0" * 32
-    assert bulk.in_flight([(d, 400_000)] * 10) == 4  # large: the configured share
-    assert bulk.in_flight([(d, 100_000)] * 10) == 11  # 1 MiB in flight
-    assert bulk.in_flight([(d, 4096)] * 10) == 16  # capped at 4x
-    assert bulk.in_flight([(d, None)] * 10) == 4  # sizes unknown
+    assert worker.in_flight([(d, 400_000)] * 10) == 4  # large: the configured share
+    assert worker.in_flight([(d, 100_000)] * 10) == 11  # 1 MiB in flight
+    assert worker.in_flight([(d, 4096)] * 10) == 16  # capped at 4x
+    assert worker.in_flight([(d, None)] * 10) == 4  # sizes unknown

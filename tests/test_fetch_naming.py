@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from csi.fetch import bulk, naming
+from csi.fetch import naming, workertemp
 from csi.image.fsverity import digest_bytes
 from csi.repo import batch
 from csi.repo.tmpfiles import WORKER_TEMP_SUFFIX
@@ -20,7 +20,9 @@ from csi.store import Store
 
 def _written(store: Store, data: bytes) -> naming.Written:
     """A temp file as a worker leaves it: written and verified, not named."""
-    obj = bulk._TempObject(str(store.repo.tmp.path), store.repo.tmp.owner(), digest_bytes(data))
+    obj = workertemp.TempObject(
+        str(store.repo.tmp.path), store.repo.tmp.owner(), digest_bytes(data)
+    )
     obj.write(data)
     obj.keep()
     return obj.kept()
@@ -115,11 +117,13 @@ def test_a_worker_names_files_through_the_descriptors_that_wrote_them(
     # still open: no second open; every descriptor is closed whatever happens; a budget of
     # one keeps one.
     store = Store(tmp_path / "s")
-    monkeypatch.setattr(bulk._fds, "left", 1)
+    monkeypatch.setattr(workertemp.fds, "left", 1)
     blobs = [os.urandom(4000 + i) for i in range(2)]
     objs = []
     for b in blobs:
-        obj = bulk._TempObject(str(store.repo.tmp.path), store.repo.tmp.owner(), digest_bytes(b))
+        obj = workertemp.TempObject(
+            str(store.repo.tmp.path), store.repo.tmp.owner(), digest_bytes(b)
+        )
         obj.write(b)
         obj.keep()
         objs.append(obj.kept())

@@ -51,10 +51,10 @@ def test_a_fetch_worker_keeps_few_enough_files_open_for_select() -> None:
     code = textwrap.dedent(
         """
         import resource
-        from csi.fetch import bulk
-        bulk._limits_setup()
+        from csi.fetch import workertemp
+        workertemp.limits_setup()
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        print(bulk._fds.per_chunk, soft)
+        print(workertemp.fds.per_chunk, soft)
         """
     )
     out = subprocess.run(

@@ -2,7 +2,7 @@
 retry loop of :class:`~csi.fetch.mirrors.Mirrors`, with its counters.
 
 The same :meth:`Downloader.download` runs in the client's threads and in the bulk worker
-processes (:mod:`csi.fetch.bulk`), so mirrors, retries, size limits, digest checks and metrics
+processes (:mod:`csi.fetch.worker`), so mirrors, retries, size limits, digest checks and metrics
 are the same wherever an object is fetched.
 """
 
@@ -23,7 +23,7 @@ from .source import Source
 
 class ObjectSink(Protocol):
     """Where :meth:`Downloader.download` puts an object: the store, or a worker process's
-    temp files (:mod:`csi.fetch.bulk`)."""
+    temp files (:mod:`csi.fetch.workertemp`)."""
 
     def ensure(
         self,

@@ -1,7 +1,7 @@
 """What a fetch worker hands back for each object, and the step that makes it final: the
 written temp files made durable and named in the store's ``objects/``.
 
-A worker (:mod:`csi.fetch.bulk`) writes and verifies each object into a temp file of the
+A worker (:mod:`csi.fetch.worker`) writes and verifies each object into a temp file of the
 store (:class:`Written`), or fails it (:class:`Failed`). Then, still in the worker and under
 the parent's claim (:meth:`csi.store.Store.claim`), :func:`name_written` flushes the
 filesystem once, checks each file's writeback error, enables fs-verity where the filesystem
