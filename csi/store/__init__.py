@@ -2,9 +2,10 @@
 
 from .admin import fsck_store, gc_store
 from .errors import DigestMismatch, ImageRejected, StoreError, StoreFull
+from .refs import RefRecord
 from .reports import FsckReport, GcReport, RecoveryReport, StoreUsage
-from .store import Fill, ImageParser, Kind, RefRecord, Store, default_image_parser, is_no_space
-from .writer import ObjectWriter
+from .store import Fill, ImageParser, Kind, Store, default_image_parser
+from .writer import ObjectWriter, is_no_space
 
 __all__ = [
     "DigestMismatch",

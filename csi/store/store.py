@@ -26,29 +26,29 @@ import fcntl
 import importlib
 import logging
 import os
-import secrets
-import sqlite3
 import threading
-import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Literal
 
-from csi.image.fsverity import digest_bytes, digest_file
+from csi.image.fsverity import digest_bytes
 from csi.repo import layout
 from csi.repo.batch import GroupCommit, make_durable
 from csi.repo.directio import DIRECT_MIN_SIZE
 from csi.repo.repository import Progress, Repository
-from csi.repo.tmpfiles import TempFile, pid_alive
+from csi.repo.tmpfiles import TempFile
 from csi.repo.verity import UNSUPPORTED_ERRNOS, enable_verity
 
+from . import check
 from . import metrics as m
+from .collect import collect
 from .db import StateDB
 from .errors import DigestMismatch, ImageRejected, StoreError, StoreFull
-from .gcplan import plan_gc
+from .holds import Holds
+from .refs import RefNotes, RefRecord
 from .reports import FsckReport, GcReport, RecoveryReport, StoreUsage, human_bytes
-from .writer import NO_SPACE_ERRNOS, ObjectWriter
+from .writer import ObjectWriter, is_no_space
 
 log = logging.getLogger(__name__)
 
@@ -109,28 +109,6 @@ class _Flight:
         self.done = threading.Event()
 
 
-def is_no_space(e: BaseException) -> bool:
-    """Whether ``e`` says the store's filesystem is full (a write, or SQLite's journal)."""
-    if isinstance(e, StoreFull):
-        return True
-    if isinstance(e, OSError) and e.errno in NO_SPACE_ERRNOS:
-        return True
-    return isinstance(e, sqlite3.OperationalError) and "full" in str(e)
-
-
-@dataclass(frozen=True, slots=True)
-class RefRecord:
-    """A ref as the store last saw it resolved (:meth:`Store.ref_record`)."""
-
-    digest: bytes
-    #: When a repository last confirmed it (seconds since the epoch).
-    checked: float
-    etag: str | None = None
-    last_modified: str | None = None
-    #: The mirror that gave the validators (its base URL or path).
-    source: str | None = None
-
-
 class Store:
     def __init__(
         self,
@@ -163,13 +141,12 @@ class Store:
         self._flights_mu = threading.Lock()
         self._gc_mu = threading.Lock()
         self._gc_floor = -1  # store bytes after the last capacity GC
-        #: Pins whose removal failed on a full disk: removed with the next pin or GC.
-        self._stale_pins: list[str] = []
-        self._stale_mu = threading.Lock()
         self._group: GroupCommit[_Pending] = GroupCommit(self._commit_group)
         (self.root / QUARANTINE_DIR).mkdir(mode=0o700, exist_ok=True)
         self.repo.tmp.ensure_dirs()
         self.db = StateDB(self.root / STATE_DB)
+        self._holds = Holds(self.root, self.db, self.repo.tmp, self._lock, self._update_gauges)
+        self._refs = RefNotes(self.db, self._lock)
         self._closed = False
         self.recovery = self._recover()
         self._used = 0  # store bytes as of the last flush or gauge update
@@ -589,7 +566,7 @@ class Store:
 
         return digest, self.ensure(digest, fill, size_hint=len(data))
 
-    # -- refs, leases, pins ----------------------------------------------------------------
+    # -- refs, leases, pins (csi.store.refs, csi.store.holds) ------------------------------
 
     def set_ref(
         self,
@@ -602,130 +579,44 @@ class Store:
         source: str | None = None,
     ) -> None:
         """Record what ``name`` resolved to in ``repository`` (a local note, not a GC root),
-        confirmed now; with the HTTP validators of the answer and the mirror (``source``)
-        that gave them, for a conditional request next time."""
-        layout.validate_ref_name(repository)
-        layout.validate_ref_name(name)
-        layout.check_digest(digest)
-        now = time.time()
-        with self._lock(exclusive=False), self.db.tx() as cur:
-            cur.execute(
-                "INSERT OR REPLACE INTO refs(repository, name, digest, updated, etag, "
-                "last_modified, source, checked) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (repository, name, digest, now, etag, last_modified, source, now),
-            )
+        confirmed now, with the HTTP validators of the answer and the mirror that gave them."""
+        self._refs.set(
+            repository, name, digest, etag=etag, last_modified=last_modified, source=source
+        )
 
     def confirm_ref(self, repository: str, name: str, digest: bytes) -> bool:
         """Note that the repository confirmed, now, that ``name`` still designates ``digest``
         (an HTTP 304). False if the store no longer records that."""
-        with self._lock(exclusive=False), self.db.tx() as cur:
-            cur.execute(
-                "UPDATE refs SET checked = ? WHERE repository = ? AND name = ? AND digest = ?",
-                (time.time(), repository, name, digest),
-            )
-            return cur.rowcount > 0
+        return self._refs.confirm(repository, name, digest)
 
     def get_ref(self, repository: str, name: str) -> bytes | None:
-        rows = self.db.query(
-            "SELECT digest FROM refs WHERE repository = ? AND name = ?", (repository, name)
-        )
-        return bytes(rows[0][0]) if rows else None
+        return self._refs.get(repository, name)
 
     def ref_record(self, repository: str, name: str) -> RefRecord | None:
         """What the store knows of ``name`` in ``repository``: its digest, when the
         repository last confirmed it, and the validators of that answer."""
-        rows = self.db.query(
-            "SELECT digest, coalesce(checked, updated), etag, last_modified, source FROM refs "
-            "WHERE repository = ? AND name = ?",
-            (repository, name),
-        )
-        if not rows:
-            return None
-        digest, checked, etag, last_modified, source = rows[0]
-        return RefRecord(bytes(digest), float(checked), etag, last_modified, source)
+        return self._refs.record(repository, name)
 
     def lease(self, holder: str, images: Iterable[bytes]) -> None:
         """Add ``images`` to ``holder``'s lease (idempotent; persisted)."""
-        imgs = [layout.check_digest(i) for i in images]
-        now = time.time()
-        with self._lock(exclusive=False), self.db.tx() as cur:
-            cur.executemany(
-                "INSERT OR IGNORE INTO leases VALUES (?, ?, ?)", ((holder, i, now) for i in imgs)
-            )
-            cur.executemany(
-                "UPDATE images SET last_used = ? WHERE digest = ?", ((now, i) for i in imgs)
-            )
-        self._update_gauges()
+        self._holds.lease(holder, images)
 
     def release(self, holder: str) -> None:
         """Drop every lease of ``holder`` (idempotent)."""
-        with self._lock(exclusive=False), self.db.tx() as cur:
-            cur.execute("DELETE FROM leases WHERE holder = ?", (holder,))
-        self._update_gauges()
+        self._holds.release(holder)
 
     def leases(self) -> dict[str, set[bytes]]:
-        out: dict[str, set[bytes]] = {}
-        for holder, image in self.db.query("SELECT holder, image FROM leases"):
-            out.setdefault(holder, set()).add(bytes(image))
-        return out
+        return self._holds.leases()
 
-    @contextlib.contextmanager
-    def pin(self, images: Iterable[bytes]) -> Iterator[None]:
-        """Protect ``images`` (and their objects) from GC while the block runs.
-
-        Visible to GC in other processes; pins of dead processes are ignored. Pin an image
-        before checking whether it is present, so GC cannot remove it in between. A pin
-        belongs to this process's owner id in the store's temp area (not to its pid, which
-        a containerised process shares with every other pid 1).
-        """
-        imgs = {layout.check_digest(i) for i in images}
-        token = secrets.token_hex(8)
-        owner = self.repo.tmp.owner()
-        with self._lock(exclusive=False), self.db.tx() as cur:
-            stale = self._drop_stale_pins(cur)
-            cur.execute("INSERT INTO pin_owners VALUES (?, ?)", (token, owner))
-            # The pid column stays for older versions sharing the store during an upgrade.
-            cur.executemany(
-                "INSERT OR IGNORE INTO pins VALUES (?, ?, ?)",
-                ((token, os.getpid(), i) for i in imgs),
-            )
-        self._forget_stale_pins(stale)
-        try:
-            yield
-        finally:
-            try:
-                with self.db.tx() as cur:
-                    _delete_pins(cur, [token])
-            except sqlite3.OperationalError as e:
-                # The disk is full (SQLite needs room even to delete): the block's own error,
-                # most likely "no space" too, must not be replaced by this one. The pin stays
-                # until the next pin or GC of this process removes it.
-                if not is_no_space(e):
-                    raise
-                log.warning("store %s: full; unpinning %d images later", self.root, len(imgs))
-                with self._stale_mu:
-                    self._stale_pins.append(token)
-
-    def _drop_stale_pins(self, cur: sqlite3.Cursor) -> list[str]:
-        """Delete the stale pins in transaction ``cur``; forget them once it committed."""
-        with self._stale_mu:
-            stale = list(self._stale_pins)
-        if stale:
-            _delete_pins(cur, stale)
-        return stale
-
-    def _forget_stale_pins(self, done: list[str]) -> None:
-        if done:
-            with self._stale_mu:
-                self._stale_pins = [t for t in self._stale_pins if t not in done]
+    def pin(self, images: Iterable[bytes]) -> AbstractContextManager[None]:
+        """Protect ``images`` (and their objects) from GC while the block runs, also from
+        GC in other processes (:meth:`csi.store.holds.Holds.pin`). Pin an image before
+        checking whether it is present, so GC cannot remove it in between."""
+        return self._holds.pin(images)
 
     def touch(self, image: bytes) -> None:
         """Mark ``image`` as used now (LRU order of GC)."""
-        with self.db.tx() as cur:
-            cur.execute(
-                "UPDATE images SET last_used = ? WHERE digest = ?",
-                (time.time(), layout.check_digest(image)),
-            )
+        self._holds.touch(image)
 
     # -- garbage collection ----------------------------------------------------------------
 
@@ -740,87 +631,20 @@ class Store:
             return self._gc_locked(target_bytes, dry_run)
 
     def _gc_locked(self, target_bytes: int | None, dry_run: bool) -> GcReport:
-        q = self.db.query
-        sizes = {bytes(d): int(s) for d, s in q("SELECT digest, size FROM objects")}
-        images = {bytes(d): float(t) for d, t in q("SELECT digest, last_used FROM images")}
-        refs: dict[bytes, set[bytes]] = {}
-        for img, obj in q("SELECT image, object FROM image_objects"):
-            refs.setdefault(bytes(img), set()).add(bytes(obj))
-        protected = {bytes(r[0]) for r in q("SELECT image FROM leases")}
-        protected |= self._live_pins()
-        before = sum(sizes.values())
-        target = target_bytes
-        if target is None and self.size_cap is not None:
-            high = self.high_watermark * self.size_cap
-            target = int(before - self.low_watermark * self.size_cap) if before > high else 0
-        plan = plan_gc(sizes=sizes, images=images, refs=refs, protected=protected, target=target)
-        report = GcReport(
-            dry_run=dry_run,
-            target_bytes=target,
-            bytes_before=before,
-            removed_images=list(plan.images),
-            removed_objects=len(plan.objects),
-            freed_bytes=plan.freed,
-            protected_images=len(protected & images.keys()),
-        )
-        if dry_run:
-            return report
-        # Files first (frees space even if the state DB cannot be written), then state.
-        removed_imgs = set(plan.images)
-        for img in plan.images:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.repo.image_path(img))
-        for name, target_digest in list(self.repo.iter_refs()):
-            if target_digest in removed_imgs:
-                with contextlib.suppress(OSError):
-                    self.repo.remove_ref(name)
-        for d in plan.objects:
-            try:
-                os.unlink(self.repo.object_path(d))
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                report.errors.append(f"removing {layout.object_relpath(d)}: {e.strerror}")
-        with self.db.tx() as cur:
-            for img in plan.images:
-                self.db.drop_image(cur, img)
-            for d in plan.objects:
-                self.db.drop_object(cur, d)
-        m.GC_RUNS.inc()
-        m.GC_FREED_BYTES.inc(plan.freed)
-        self._update_gauges()
+        def target_for(stored: int) -> int | None:
+            if target_bytes is not None or self.size_cap is None:
+                return target_bytes
+            if stored <= self.high_watermark * self.size_cap:
+                return 0
+            return int(stored - self.low_watermark * self.size_cap)
+
+        protected = self._holds.leased() | self._holds.live_pins()
+        report = collect(self.repo, self.db, protected, target_for, dry_run)
+        if not dry_run:
+            m.GC_RUNS.inc()
+            m.GC_FREED_BYTES.inc(report.freed_bytes)
+            self._update_gauges()
         return report
-
-    def _dead_pins(self) -> list[str]:
-        """Tokens of pins whose process is gone: by owner id, or by pid for the pins of an
-        older version (which recorded only that)."""
-        rows = self.db.query(
-            "SELECT DISTINCT pins.token, pins.pid, pin_owners.owner FROM pins "
-            "LEFT JOIN pin_owners ON pin_owners.token = pins.token"
-        )
-        alive: dict[str, bool] = {}
-        dead: list[str] = []
-        for token, pid, owner in rows:
-            key = str(owner) if owner is not None else f"pid:{pid}"
-            if key not in alive:
-                alive[key] = (
-                    self.repo.tmp.owner_alive(str(owner)) if owner is not None else pid_alive(pid)
-                )
-            if not alive[key]:
-                dead.append(str(token))
-        orphans = self.db.query(
-            "SELECT token FROM pin_owners WHERE token NOT IN (SELECT token FROM pins)"
-        )
-        return dead + [str(r[0]) for r in orphans]
-
-    def _live_pins(self) -> set[bytes]:
-        dead = self._dead_pins()
-        if dead or self._stale_pins:
-            with self.db.tx() as cur:
-                _delete_pins(cur, dead)
-                stale = self._drop_stale_pins(cur)
-            self._forget_stale_pins(stale)
-        return {bytes(r[0]) for r in self.db.query("SELECT image FROM pins")}
 
     # -- fsck and recovery -----------------------------------------------------------------
 
@@ -830,55 +654,19 @@ class Store:
         remove it."""
         report = FsckReport(repair=repair)
         report.temp_removed_at_open = self.recovery.temp_removed
-        report.stale_pins = len(self._dead_pins())
+        report.stale_pins = len(self._holds.dead_pins())
         report.leaked_temp_files, report.leaked_temp_bytes = self.repo.tmp.leftovers()
         if repair and (report.stale_pins or report.leaked_temp_files):
-            self._live_pins()
+            self._holds.live_pins()
             with self._lock(exclusive=True):
                 self.repo.tmp.clean()
-        digests = list(self.repo.iter_objects())
-        bad: dict[bytes, tuple[int, str]] = {}  # digest -> (inode, problem)
-        for i, d in enumerate(digests):
-            path = self.repo.object_path(d)
-            try:
-                st = path.stat()
-                actual = digest_file(path)
-            except FileNotFoundError:
-                continue  # removed meanwhile (GC)
-            except OSError as e:
-                bad[d] = (-1, f"unreadable: {e.strerror}")
-            else:
-                report.bytes_checked += st.st_size
-                if actual != d:
-                    bad[d] = (st.st_ino, f"content hashes to {actual.hex()}")
-            report.checked += 1
-            if progress is not None:
-                progress(i + 1, len(digests))
-        report.bad = [(layout.object_relpath(d), why) for d, (_, why) in bad.items()]
+        bad = check.find_bad(self.repo, report, progress)
         m.FSCK_BAD.inc(len(bad))
         if not repair:
             return report
         with self._lock(exclusive=True):
-            stamp = time.strftime("%Y%m%dT%H%M%S")
-            for d, (ino, _why) in bad.items():
-                path = self.repo.object_path(d)
-                with contextlib.suppress(FileNotFoundError):
-                    if ino != -1 and path.stat().st_ino != ino:
-                        continue  # replaced meanwhile by a verified copy
-                    dest = self.root / QUARANTINE_DIR / f"{d.hex()}.{stamp}"
-                    os.rename(path, dest)
-                    report.quarantined.append(dest.name)
-            with self.db.tx() as cur:
-                for d in bad:
-                    if self.db.is_image(d):
-                        cur.execute("DELETE FROM images WHERE digest = ?", (d,))
-                        cur.execute("DELETE FROM image_objects WHERE image = ?", (d,))
-                    self.db.drop_object(cur, d)
-                    report.removed_records += 1
-            for d in bad:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.repo.image_path(d))
-            rec = self._reconcile()
+            check.quarantine(self.repo, self.db, self.quarantine_dir(), bad, report)
+            rec = check.reconcile(self.repo, self.db, self._parse)
             report.removed_records += rec.dropped_missing
             report.fixed_links += rec.links_fixed
         self._update_gauges()
@@ -887,63 +675,9 @@ class Store:
     def _recover(self) -> RecoveryReport:
         with self._lock(exclusive=True):
             removed = self.repo.tmp.clean()
-            rep = self._reconcile()
+            rep = check.reconcile(self.repo, self.db, self._parse)
             rep.temp_removed = removed
-        return rep
-
-    def _reconcile(self) -> RecoveryReport:
-        """Make the state DB agree with the files (caller holds the exclusive lock)."""
-        rep = RecoveryReport()
-        recorded = {bytes(r[0]) for r in self.db.query("SELECT digest FROM objects")}
-        recorded_images = {bytes(r[0]) for r in self.db.query("SELECT digest FROM images")}
-        on_disk = set(self.repo.iter_objects())
-        linked = set(self.repo.iter_images())
-        missing = recorded - on_disk
-        unknown = on_disk - recorded
-        new_images: dict[bytes, set[bytes]] = {}
-        for d in linked & on_disk:
-            if d in recorded_images:
-                continue
-            try:
-                new_images[d] = self._parse(self.repo.object_path(d).read_bytes())
-            except Exception as e:
-                rep.problems.append(f"images/{d.hex()} is not a valid image ({e}): unlinked")
-                with contextlib.suppress(OSError):
-                    os.unlink(self.repo.image_path(d))
-        with self.db.tx() as cur:
-            for d in unknown:
-                try:
-                    size = self.repo.object_path(d).stat().st_size
-                except FileNotFoundError:
-                    continue
-                self.db.record_object(cur, d, size, "object", False)
-                rep.recorded_unknown += 1
-            for d in missing:
-                self.db.drop_object(cur, d)
-                rep.dropped_missing += 1
-            for d in recorded_images - on_disk:
-                self.db.drop_image(cur, d)
-                rep.images_dropped += 1
-            for d, refs in new_images.items():
-                self.db.record_image(cur, d, refs)
-                rep.images_recorded += 1
-        # Recorded images whose images/<hex> link is gone (or wrong): relink.
-        for d in (recorded_images & on_disk) - linked:
-            self.repo.link_image(d)
-            rep.links_fixed += 1
-        for d in linked - on_disk:
-            with contextlib.suppress(OSError):
-                os.unlink(self.repo.image_path(d))
-            rep.links_fixed += 1
-        for holder, image in self.db.query("SELECT holder, image FROM leases"):
-            if bytes(image) not in on_disk:
-                rep.leases_on_missing.append((str(holder), bytes(image)))
         return rep
 
     def quarantine_dir(self) -> Path:
         return self.root / QUARANTINE_DIR
-
-
-def _delete_pins(cur: sqlite3.Cursor, tokens: list[str]) -> None:
-    cur.executemany("DELETE FROM pins WHERE token = ?", ((t,) for t in tokens))
-    cur.executemany("DELETE FROM pin_owners WHERE token = ?", ((t,) for t in tokens))

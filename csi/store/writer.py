@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import sqlite3
 from collections.abc import Callable
 
 from csi.image.fsverity import FsVerityHasher
@@ -12,6 +13,15 @@ from csi.repo.tmpfiles import TempFile
 from .errors import StoreError, StoreFull
 
 NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def is_no_space(e: BaseException) -> bool:
+    """Whether ``e`` says the store's filesystem is full (a write, or SQLite's journal)."""
+    if isinstance(e, StoreFull):
+        return True
+    if isinstance(e, OSError) and e.errno in NO_SPACE_ERRNOS:
+        return True
+    return isinstance(e, sqlite3.OperationalError) and "full" in str(e)
 
 
 class ObjectWriter:
