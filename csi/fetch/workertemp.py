@@ -24,13 +24,14 @@ from .naming import Written
 
 
 class TempObject:
-    """One object being written to a new temp file of the store's temp area, kept (unnamed)
-    for the parent once verified. (No lock descriptor: the name says whose file it is; see
-    tmpfiles.TempArea.clean.)
+    """One object being written to a new temp file in the worker's directory of the store's
+    temp area, kept (not named yet) once verified. (No lock descriptor: the name says whose
+    file it is; see tmpfiles.TempArea.clean.)
 
     Buffered, not direct I/O: a direct write blocks the worker until the disk has the data,
     and the padded last block costs a read-modify-write at truncation; buffered, the writes
-    return at once and the parent's group flush writes them back (docs/benchmarks.md).
+    return at once and the naming step's one ``syncfs`` per chunk (where the store syncs
+    its writes) writes them back (docs/benchmarks.md).
     """
 
     __slots__ = ("digest", "fd", "got", "path", "writer")
