@@ -657,7 +657,7 @@ class Store:
         report.stale_pins = len(self._holds.dead_pins())
         report.leaked_temp_files, report.leaked_temp_bytes = self.repo.tmp.leftovers()
         if repair and (report.stale_pins or report.leaked_temp_files):
-            self._holds.live_pins()
+            self._holds.live_pins()  # deletes the pins of dead processes on the way
             with self._lock(exclusive=True):
                 self.repo.tmp.clean()
         bad = check.find_bad(self.repo, report, progress)
