@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     full_repo = workdir / "repo-populated"
     # Each fresh build gets a new directory; all are removed after the measurements. Removing
     # one just before the next build would time ext4's inode allocator instead of the build:
-    # without a journal (as here) it skips inodes freed in the last 30 s one by one
+    # without a journal (as here) it skips inodes freed less than 60 s ago one by one
     # (find_inode_bit -> recently_deleted), so creating 20k files right after deleting 20k
     # costs seconds, for ``cp -r`` too.
     fresh_dirs: list[Path] = []

@@ -172,17 +172,20 @@ def prepare(work: Path, spec: TreeSpec, layouts: list[str], registry: oci.Regist
     return Prepared(spec, {"v1": v1, "v2": v2}, repos, layer, v2_bytes)
 
 
-#: ext4 without a journal, as here, skips inodes freed in the last 30 s one by one when it
-#: creates files (find_inode_bit -> recently_deleted): a pull of 100k files right after 200k
-#: were deleted took 57 s instead of 20 s. Outputs are deleted between cells, then this long
-#: is waited.
-QUIET_AFTER_DELETE = 35.0
+#: ext4 without a journal, as here, skips one by one the inodes freed less than 60 s ago
+#: when it creates files, and those freed less than 360 s ago while their inode table block
+#: is not written back yet (find_inode_bit -> recently_deleted; RECENTCY_MIN and
+#: RECENTCY_DIRTY in fs/ext4/ialloc.c, 60 s since 2020): a pull of 100k files right after
+#: 200k were deleted took 57 s instead of 20 s. Outputs are deleted between cells, written
+#: back (sync), then this long is waited.
+QUIET_AFTER_DELETE = 65.0
 
 
 def forget(path: Path) -> None:
     """Delete a measurement's output, then wait until file creation is not slowed by it."""
     if path.exists():
         shutil.rmtree(path, ignore_errors=True)
+        subprocess.run(["sync"], check=True)
         time.sleep(QUIET_AFTER_DELETE)
 
 

@@ -3,9 +3,9 @@ workers) and the whole machine, sampled from /proc while the pull runs.
 
 A diagnostic, run by hand (not by ``make bench``): it answers "which process is the serial
 part". The repository is served by nginx on loopback (no latency proxy); the store is
-emptied, the page cache written back and dropped, and the machine left 35 s to settle after
-deleting the last run's files (see docs/benchmarks.md, "Building images", on ext4 and
-recently freed inodes).
+emptied, the page cache written back and dropped, and the machine left 65 s to settle after
+deleting the last run's files (ext4 without a journal skips inodes freed less than 60 s ago:
+see bench/network.py, QUIET_AFTER_DELETE).
 
     python -m bench.pull_cpu --repo DIR --ref NAME [--runs N]
 
@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.network import QUIET_AFTER_DELETE
 from tests.nginx import Nginx, static_server
 
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -64,7 +65,7 @@ def _machine() -> list[int]:
 def run_once(repo: Path, ref: str, store: Path) -> None:
     shutil.rmtree(store, ignore_errors=True)
     subprocess.run(["sync"], check=True)
-    time.sleep(35)
+    time.sleep(QUIET_AFTER_DELETE)
     work = Path(tempfile.mkdtemp(prefix="pull-cpu-nginx-"))
     with Nginx(work, [static_server(repo)], access_log=False) as ng:
         subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], check=True)
