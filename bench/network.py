@@ -174,11 +174,15 @@ def prepare(work: Path, spec: TreeSpec, layouts: list[str], registry: oci.Regist
 
 #: ext4 without a journal, as here, skips one by one the inodes freed less than 60 s ago
 #: when it creates files, and those freed less than 360 s ago while their inode table block
-#: is not written back yet (find_inode_bit -> recently_deleted; RECENTCY_MIN and
-#: RECENTCY_DIRTY in fs/ext4/ialloc.c, 60 s since 2020): a pull of 100k files right after
-#: 200k were deleted took 57 s instead of 20 s. Outputs are deleted between cells, written
-#: back (sync), then this long is waited.
-QUIET_AFTER_DELETE = 65.0
+#: is dirty (find_inode_bit -> recently_deleted; RECENTCY_MIN and RECENTCY_DIRTY in
+#: fs/ext4/ialloc.c, 60 s since 2020): a pull of 100k files right after 200k were deleted took
+#: 57 s instead of 20 s. The block is dirty when the allocator looks, not when the inode was
+#: freed: a pull creating files dirties the very blocks it allocates from, so a `sync` after
+#: deleting does not shorten the window. 65 s after deleting a 100k-file store (and a sync),
+#: `recently_deleted` was still 41% of the workers' file-creation samples (`perf`); 6.5 min
+#: after, file creation was 15% of their samples instead of 26%. Outputs are deleted between
+#: cells, written back (sync), then this long is waited.
+QUIET_AFTER_DELETE = 370.0
 
 
 def forget(path: Path) -> None:

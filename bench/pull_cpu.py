@@ -3,9 +3,10 @@ workers) and the whole machine, sampled from /proc while the pull runs.
 
 A diagnostic, run by hand (not by ``make bench``): it answers "which process is the serial
 part". The repository is served by nginx on loopback (no latency proxy); the store is
-emptied, the page cache written back and dropped, and the machine left 65 s to settle after
-deleting the last run's files (ext4 without a journal skips inodes freed less than 60 s ago:
-see bench/network.py, QUIET_AFTER_DELETE).
+emptied, the page cache written back and dropped, and the machine left 370 s to settle after
+deleting the last run's files (ext4 without a journal skips inodes freed less than 60 s ago,
+360 s while the allocator finds their inode table block dirty, as a pull makes it: see
+bench/network.py, QUIET_AFTER_DELETE).
 
     python -m bench.pull_cpu --repo DIR --ref NAME [--runs N]
 
