@@ -213,6 +213,113 @@ def test_bulk_worker_out_of_space_falls_back_to_the_store(
         store_is_verified(store.root)
 
 
+WRITER = textwrap.dedent(
+    """
+    import os, sys
+    from pathlib import Path
+    from csi.store import Store
+
+    store = Store(Path(sys.argv[1]))
+    data = Path(sys.argv[2]).read_bytes()
+    digest = bytes.fromhex(sys.argv[3])
+    with store.repo.tmp.key_locks.hold(digest):  # as Store.ensure holds it while it writes
+        print("holding", flush=True)
+        sys.stdin.readline()
+        tmp = store.repo.tmp.path / "writer.tmp"
+        tmp.write_bytes(data)
+        store.object_path(digest).parent.mkdir(exist_ok=True)
+        os.rename(tmp, store.object_path(digest))
+        store.record_named([(digest, len(data), False)])
+    print("written", flush=True)
+    """
+)
+
+
+def test_an_object_another_process_writes_is_waited_for_not_fetched(
+    world: World, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """A worker takes each object's lock across processes before it fetches it. One that
+    another process holds (it is writing that object) is not fetched beside it: the fetch
+    waits for that process and finds the object present."""
+    root = tmp_path / "s"
+    store = Store(root)
+    data = world.files["app:v1"]["big"]
+    digest = digest_bytes(data)
+    src = tmp_path / "big"
+    src.write_bytes(data)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(root), str(src), digest.hex()],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        cwd=REPO_ROOT,
+    )
+    assert writer.stdin is not None and writer.stdout is not None
+    try:
+        assert writer.stdout.readline() == b"holding\n"
+        out: dict[str, Any] = {}
+
+        def fetch() -> None:
+            with bulk_client(f"http://127.0.0.1:{proxy.port}/", "bulk-held") as c:
+                out["res"] = c.fetch_image("app:v1", store)
+
+        t = threading.Thread(target=fetch)
+        t.start()
+        others = [digest_bytes(d) for n, d in world.files["app:v1"].items() if n != "big"]
+        deadline = time.monotonic() + 60
+        while store.missing_among(others) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not store.missing_among(others)  # the workers did the rest...
+        assert t.is_alive() and not store.has_object(digest)  # ...and this one waits
+        said, _ = writer.communicate(b"go\n", timeout=60)
+        assert said == b"written\n"
+        t.join(60)
+        assert not t.is_alive()
+    finally:
+        writer.kill()
+        writer.wait()
+    res = out["res"]
+    assert proxy.requests[object_path(world, "big")] == 0  # never downloaded here
+    assert res.objects_fetched == res.objects_total - 1 and res.objects_present == 1
+    assert store.missing_objects(res.image) == set()
+    store_is_verified(root)
+
+
+def test_a_worker_leaves_out_an_object_present_once_it_holds_its_lock(
+    world: World, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """Run here, as a worker runs it: an object that is present by the time the worker holds
+    its lock (another process named it meanwhile) comes back as not new, and is not asked for."""
+    from csi.fetch import worker
+    from csi.fetch.naming import Named
+
+    store = Store(tmp_path / "s")
+    have, want = world.files["app:v1"]["big"], world.files["app:v1"]["s1-0000"]
+    store.add_object_bytes(have)
+    worker.init(
+        RepositoryConfig(
+            name="w", urls=(f"http://127.0.0.1:{proxy.port}/",), allow_plain_http=True
+        ),
+        os.getpid(),
+        logging.WARNING,
+        None,
+    )
+    items = [(digest_bytes(have), len(have)), (digest_bytes(want), len(want))]
+    results, _ = worker.fetch_chunk(
+        str(store.repo.tmp.path),
+        f"{store.repo.tmp.owner()}-t",
+        items,
+        None,
+        str(store.repo.root),
+        False,
+        False,
+        str(store.key_locks_path),
+    )
+    assert results[0] == Named(items[0][0], len(have), 0, False, False)
+    assert isinstance(results[1], Named) and results[1].new and store.has_object(items[1][0])
+    assert proxy.requests[object_path(world, "big")] == 0
+    assert proxy.requests[object_path(world, "s1-0000")] == 1
+
+
 KILLED_BULK = textwrap.dedent(
     """
     import sys
@@ -271,14 +378,15 @@ def test_kill9_during_bulk_fetch_leaves_nothing(
 def test_chunks_are_claimed_only_when_a_worker_is_free(
     world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Two chunk threads per worker, but a chunk's claim (a lock per object) is taken only
-    once a worker is free to take it: never more chunks claimed and not yet back from a
-    worker than there are workers (then recording what came back overlaps the next)."""
+    """Two chunk threads per worker, but a chunk is claimed (and its worker then takes a lock
+    per object) only once a worker is free to take it: never more chunks claimed and not yet
+    back from a worker than there are workers (then recording what came back overlaps the
+    next)."""
     store = Store(tmp_path / "s")
     staged = peak = 0
     mu = threading.Lock()
     mine_now = threading.local()
-    real_claim = Store.claim
+    real_claim = Store.claim_in_process
 
     def leave() -> None:
         nonlocal staged
@@ -300,7 +408,7 @@ def test_chunks_are_claimed_only_when_a_worker_is_free(
             finally:
                 leave()
 
-    monkeypatch.setattr(Store, "claim", claim)
+    monkeypatch.setattr(Store, "claim_in_process", claim)
     with bulk_client(f"http://127.0.0.1:{world.port}/", "bulk-slots") as c:
         assert c.objects.bulk is not None
         real_fetch = c.objects.bulk.fetch
@@ -379,7 +487,13 @@ def test_warm_starts_the_workers_before_any_fetch_and_close_ends_them(world: Wor
     assert not _children(_forkserver_processes()) & started
     pool.warm()  # after close: nothing starts, nothing raises
     with pytest.raises(RuntimeError, match="shut down"):
-        pool.fetch(Path("/nonexistent"), "0" * 32, [], repo_root=Path("/nonexistent"))
+        pool.fetch(
+            Path("/nonexistent"),
+            "0" * 32,
+            [],
+            repo_root=Path("/nonexistent"),
+            locks=Path("/nonexistent"),
+        )
     time.sleep(0.2)
     assert not _children(_forkserver_processes()) & started
 

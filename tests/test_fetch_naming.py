@@ -160,10 +160,13 @@ def test_a_worker_names_files_through_the_descriptors_that_wrote_them(
     store.close()
 
 
-def test_rows_that_cannot_be_written_take_their_files_back(
+def test_rows_that_cannot_be_written_leave_their_files_for_recovery(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store = Store(tmp_path / "s")
+    """The object's lock ended when it was named, so another process may already count on
+    it: a failed record leaves it in place, and the next recovery records it."""
+    root = tmp_path / "s"
+    store = Store(root)
     written = [_written(store, os.urandom(4000))]
     (n,) = naming.name_written(
         written, str(store.repo.tmp.path), str(store.repo.root), fsync=False, verity=False
@@ -176,9 +179,12 @@ def test_rows_that_cannot_be_written_take_their_files_back(
     monkeypatch.setattr(store.db, "record_objects", record_objects)
     with pytest.raises(OSError, match="full"):
         store.record_named([(n.digest, n.size, n.verity)])
-    assert not store.has_object(n.digest)  # state and disk stay in step
+    assert store.has_object(n.digest)  # whole and durable: left in place
     assert store.usage().files == 0
     store.close()
+    with Store(root) as again:
+        assert again.recovery.recorded_unknown == 1
+        assert again.usage().files == 1 and again.has_object(n.digest)
 
 
 def test_an_object_named_but_not_recorded_is_recorded_at_recovery(tmp_path: Path) -> None:

@@ -4,11 +4,11 @@ Fetching objects costs CPU as much as network: every 4 KiB block is hashed (fs-v
 Python. In one process the fetching threads queue on the GIL, and so does the store's flush
 leader, after each of its system calls: on 2 CPUs a 1 GiB / 10k-object image took 11 s that
 way. For an eager fetch of many objects the client therefore hands them, a few at a time, to
-worker processes (:mod:`csi.fetch.worker`), which download them into temp files of the store
-(:mod:`csi.fetch.workertemp`), make them durable and name them in ``objects/``
-(:mod:`csi.fetch.naming`); the parent only records their rows. Done in the parent, those
-ten-odd system calls per object made it the serial part of a big fetch, its threads passing
-the GIL at every call (docs/benchmarks.md).
+worker processes (:mod:`csi.fetch.worker`), which take their locks across processes, download
+them into temp files of the store (:mod:`csi.fetch.workertemp`), make them durable and name
+them in ``objects/`` (:mod:`csi.fetch.naming`); the parent only records their rows. Done in
+the parent, those dozen system calls per object made it the serial part of a big fetch, its
+threads passing the GIL at every call (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -109,14 +109,16 @@ class BulkPool:
         ranges: list[RangeJob] | None = None,
         *,
         repo_root: Path,
+        locks: Path,
         fsync: bool = True,
         verity: bool = True,
     ) -> ChunkResult:
         """Fetch ``items`` in a worker and name them in the store whose repository is
-        ``repo_root`` (blocks until done; the caller holds their claim); apply its counters
-        here. The worker's temp files in ``tmpdir`` are marked with ``owner``, this process's
-        owner id in that temp area (:meth:`csi.repo.tmpfiles.TempArea.owner`): in use while
-        it lives.
+        ``repo_root`` and whose per-digest locks are ``locks`` (blocks until done; the caller
+        holds their claim among its threads: :meth:`csi.store.Store.claim_in_process`);
+        apply its counters here. The worker's temp files in ``tmpdir`` are marked with
+        ``owner``, this process's owner id in that temp area
+        (:meth:`csi.repo.tmpfiles.TempArea.owner`): in use while it lives.
 
         A worker that dies (killed, out of memory) breaks its pool: this call raises, and
         the next one starts new workers. ``ranges``: take the items out of these pack
@@ -129,7 +131,15 @@ class BulkPool:
             self._areas.add((str(tmpdir), tag))
         try:
             results, delta = pool.submit(
-                fetch_chunk, str(tmpdir), tag, items, ranges, str(repo_root), fsync, verity
+                fetch_chunk,
+                str(tmpdir),
+                tag,
+                items,
+                ranges,
+                str(repo_root),
+                fsync,
+                verity,
+                str(locks),
             ).result()
         except BrokenProcessPool:
             with self._lock:

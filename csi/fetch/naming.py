@@ -3,7 +3,8 @@ written temp files made durable and named in the store's ``objects/``.
 
 A worker (:mod:`csi.fetch.worker`) writes and verifies each object into a temp file of the
 store (:class:`Written`), or fails it (:class:`Failed`). Then, still in the worker and under
-the parent's claim (:meth:`csi.store.Store.claim`), :func:`name_written` flushes the
+the objects' locks across processes (which the worker holds) and the parent's claim among its
+threads (:meth:`csi.store.Store.claim_in_process`), :func:`name_written` flushes the
 filesystem once, checks each file's writeback error, enables fs-verity where the filesystem
 has it and renames each file into place (:class:`Named`); the parent only records the rows
 (:meth:`csi.store.Store.record_named`). Durable, then named, then recorded: an object named
@@ -50,10 +51,16 @@ class Named(NamedTuple):
     verity: bool
 
 
+#: :attr:`Failed.error` of an object another process was writing (its lock was held): the
+#: parent waits for it in-process (:meth:`csi.store.Store.ensure`).
+CLAIMED = "claimed"
+
+
 @dataclass(frozen=True, slots=True)
 class Failed:
     """An object a worker could not fetch: ``error`` names a :mod:`csi.fetch.errors` class,
-    or is ``"no_space"`` (retry in-process, where the store can make room)."""
+    or is ``"no_space"`` (retry in-process, where the store can make room) or
+    :data:`CLAIMED`."""
 
     digest: bytes
     error: str

@@ -20,8 +20,8 @@ from csi.store import Store, is_no_space
 
 from . import bulk
 from .download import Downloader, object_relpath
-from .errors import FetchError
-from .naming import Failed, Named
+from .errors import FetchError, NoSpace
+from .naming import CLAIMED, Failed, Named
 from .packs import RangeJob, plan
 from .progress import FetchProgress
 from .tasks import Cancelled, Outcome, Task, TaskTable, Waiter, chain
@@ -66,10 +66,11 @@ class ObjectFetcher:
         # worker, one storing what came back). On the fetch pool they would hold all of its
         # ``concurrency`` threads for the length of a big fetch, and on-demand (lazy) reads
         # would queue behind them.
-        # A chunk claims its objects (a lock each, in kernel lists that every further lock
-        # walks) only once a worker is free to take it, and frees the worker's slot when it
-        # is done with it. Claimed while queued for a worker as well, twice as many locks
-        # were held, and the parent spent a third more time in the kernel.
+        # A chunk is claimed only once a worker is free to take it, and frees the worker's
+        # slot when it is done with it; the worker holds its objects' locks across processes
+        # (one each, in kernel lists that every further lock walks) while it works on them.
+        # Claimed while queued for a worker as well, twice as many locks were held, and the
+        # process that held them spent a third more time in the kernel.
         self._slots = threading.Semaphore(max(1, processes))
         self._bulk_jobs = (
             ThreadPoolExecutor(2 * processes, thread_name_prefix=f"bulk-{self.name}")
@@ -294,8 +295,9 @@ class ObjectFetcher:
     ) -> None:
         """Thread-pool job: one chunk through a worker process, then into the store.
 
-        Only objects this job could claim in the store go to the worker; one being written
-        by another thread or process is waited for in-process (``store.ensure``).
+        Only objects no other thread of this process is writing go to the worker (which
+        leaves out those another process is writing); those are waited for in-process
+        (``store.ensure``).
         """
         assert self.bulk is not None
         with self.tasks.mu:  # every fetch that wanted these failed meanwhile: skip them
@@ -311,7 +313,7 @@ class ObjectFetcher:
         tasks = dict(chunk)
         slot = _Slot(self._slots)
         try:
-            with store.claim(tasks) as mine:
+            with store.claim_in_process(tasks) as mine:
                 for d in tasks.keys() - mine:
                     if store.has_object(d):
                         self.tasks.settle(store, d, tasks[d], result=(False, 0))
@@ -341,6 +343,7 @@ class ObjectFetcher:
                     [(d, t.size) for d, t in chunk],
                     ranges,
                     repo_root=store.repo.root,
+                    locks=store.key_locks_path,
                     fsync=store.syncs_writes,
                     verity=store.tries_verity,
                 )
@@ -358,8 +361,8 @@ class ObjectFetcher:
         error: BaseException | None = None
         try:
             store.record_named([(n.digest, n.size, n.verity) for n in named if n.new])
-        except BaseException as e:  # their files were removed again: they are errors
-            error = e
+        except Exception as e:  # the files stay, named: the store's next recovery records them
+            error = _record_failed(self.name, e)
         received: dict[FetchProgress, int] = {}  # told once per fetch, not once per object
         for n in named:
             p = tasks[n.digest].progress
@@ -370,26 +373,31 @@ class ObjectFetcher:
         for n in named:
             task = tasks[n.digest]
             if error is not None and n.new:
-                if is_no_space(error):
-                    # Left unsettled: fetched again in-process, where the store can make room.
-                    log.info(
-                        "repository %r: store full recording %s; fetching it in-process",
-                        self.name,
-                        n.digest.hex(),
-                    )
-                else:
-                    self.tasks.settle(store, n.digest, task, error=error)
+                self.tasks.settle(store, n.digest, task, error=error)
             else:
                 ok.append((n.digest, task, (n.new, n.received)))
         self.tasks.settle_many(store, ok)
         for r in results:
-            if not isinstance(r, Failed):
-                continue
+            if not isinstance(r, Failed) or r.error == CLAIMED:
+                continue  # claimed: left unsettled, waited for in-process (by bulk_job)
             if r.error == "no_space":
                 # Left unsettled: fetched again in-process, where the store can make room.
                 log.info("repository %r: %s; fetching it in-process", self.name, r.message)
             else:  # final: the worker already tried every mirror
                 self.tasks.settle(store, r.digest, tasks[r.digest], error=r.to_exception())
+
+
+def _record_failed(repository: str, e: Exception) -> FetchError:
+    """The error of objects fetched and named whose rows could not be written."""
+    what = (
+        f"recording fetched objects in the store's state failed ({e}); they are in place and "
+        "are recorded when the store is next opened"
+    )
+    if is_no_space(e):
+        return NoSpace(
+            f"{what}: free space on the store's disk, then fetch again", repository=repository
+        )
+    return FetchError(f"{what}: check the store (`composefs-csi fsck`)", repository=repository)
 
 
 class _Slot:

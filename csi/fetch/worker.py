@@ -1,13 +1,17 @@
 """A fetch worker process: downloads a chunk of objects into its temp files
 (:mod:`csi.fetch.workertemp`) and names them in the store (:mod:`csi.fetch.naming`).
 
-Each object is downloaded exactly as an in-process download does (the same mirrors, retries,
-limits and checks: :meth:`csi.fetch.download.Downloader.download`); from an HTTP(S)
-repository the first attempts of a chunk run together, and with pack ranges
-(:mod:`csi.fetch.packs`) the objects come out of them. Then, still in the worker and under the
-parent's claim, the files are made durable and named in the store's ``objects/``; the parent
-only records their rows. Counters the worker moved are handed back with the results and
-added to the parent's metrics (:data:`CARRIED`).
+The parent hands a chunk over once no other of its threads writes those objects
+(:meth:`csi.store.Store.claim_in_process`); the worker takes each object's lock across
+processes (:class:`csi.repo.tmpfiles.KeyLocks`, the store's per-digest locks), leaves out
+those another process holds (:data:`~csi.fetch.naming.CLAIMED`: the parent waits for them)
+and those already present, and holds the rest until they are named. Each object is
+downloaded exactly as an in-process download does (the same mirrors, retries, limits and
+checks: :meth:`csi.fetch.download.Downloader.download`); from an HTTP(S) repository the first
+attempts of a chunk run together, and with pack ranges (:mod:`csi.fetch.packs`) the objects
+come out of them. Then, still in the worker, the files are made durable and named in the
+store's ``objects/``; the parent only records their rows. Counters the worker moved are
+handed back with the results and added to the parent's metrics (:data:`CARRIED`).
 
 A worker that runs out of space reports it; the parent fetches that object again in-process,
 where a full store triggers garbage collection. The pool that runs these workers, in the
@@ -16,16 +20,19 @@ parent, is :mod:`csi.fetch.bulk`.
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
 import select
+import stat
 import threading
+from pathlib import Path
 
 from prometheus_client import Counter
 
 from csi.image.fsverity import register_idle_thread
-from csi.repo.tmpfiles import pid_alive
+from csi.repo.tmpfiles import KeyLocks, pid_alive
 from csi.store import DigestMismatch, StoreFull
 
 from . import errors
@@ -35,7 +42,7 @@ from .download import Downloader, object_relpath
 from .errors import SourceCorrupt, SourceError
 from .http import HttpSource, Request
 from .mirrors import Mirrors
-from .naming import Failed, Named, Written, name_written
+from .naming import CLAIMED, Failed, Named, Written, name_written
 from .naming import verity_known as naming_verity
 from .packs import RangeEntry, RangeJob, RangeSplitter, decode
 from .source import Response, Source
@@ -121,11 +128,17 @@ def fetch_chunk(
     repo_root: str,
     fsync: bool,
     verity: bool,
+    locks: str,
 ) -> ChunkResult:
     """Worker: fetch ``items`` (digest, size) into temp files in this worker's directory of
     ``tmpdir`` (:func:`own_dir`), then make
     them durable (``fsync``: the store syncs its writes) and name them under ``repo_root``,
     the store's repository, with fs-verity if ``verity`` (:func:`csi.fetch.naming.name_written`).
+
+    First each item's lock across processes is taken (``locks``: the store's
+    :attr:`~csi.store.Store.key_locks_path`); one another process holds comes back as
+    :data:`~csi.fetch.naming.CLAIMED`, one present already as ``Named`` with ``new`` False.
+    The locks are held until the objects are named. Results are in the order of ``items``.
 
     From an HTTP(S) repository the first attempt at each object is one of up to ``_parallel``
     requests run together (:meth:`HttpSource.get_many`): one sleep and wake-up for several
@@ -139,6 +152,46 @@ def fetch_chunk(
     downloader = _client
     assert downloader is not None, "bulk worker used before init"
     before = _counters()
+    key_locks = _key_locks(locks)
+    lock_fds, locked = key_locks.try_hold_many([d for d, _ in items])
+    try:
+        mine = set(locked)
+        present = {d for d in mine if _present(repo_root, d)}
+        todo = [(d, size) for d, size in items if d in mine and d not in present]
+        named = iter(_fetch_todo(downloader, tmpdir, tag, todo, ranges, repo_root, fsync, verity))
+    finally:
+        key_locks.release_many(lock_fds)  # named now: another process finds them present
+    out: list[Named | Failed] = []
+    for d, size in items:
+        if d not in mine:
+            out.append(Failed(d, CLAIMED, "another process is writing it", f"object {d.hex()}", 0))
+        elif d in present:
+            out.append(Named(d, size or 0, 0, False, False))
+        else:
+            out.append(next(named))
+    after = _counters()
+    delta: CounterDelta = [
+        (key, dict(labels), v - before.get((key, labels), 0.0))
+        for (key, labels), v in after.items()
+        if v != before.get((key, labels), 0.0)
+    ]
+    return out, delta
+
+
+def _fetch_todo(
+    downloader: Downloader,
+    tmpdir: str,
+    tag: str,
+    items: list[tuple[bytes, int | None]],
+    ranges: list[RangeJob] | None,
+    repo_root: str,
+    fsync: bool,
+    verity: bool,
+) -> list[Named | Failed]:
+    """The objects of ``items`` (locked by this worker, not present) downloaded, verified
+    and named, in the order of ``items``."""
+    if not items:
+        return []
     results: dict[bytes, Written | Failed] = {}
     src = downloader.mirrors.sources[0]
     # fs-verity refuses a file open for writing: keep descriptors only where it is off.
@@ -158,14 +211,29 @@ def fetch_chunk(
             if isinstance(r, Written) and r.fd >= 0:
                 os.close(r.fd)
         raise
-    named = name_written([results[d] for d, _ in items], tmpdir, repo_root, fsync, verity)
-    after = _counters()
-    delta: CounterDelta = [
-        (key, dict(labels), v - before.get((key, labels), 0.0))
-        for (key, labels), v in after.items()
-        if v != before.get((key, labels), 0.0)
-    ]
-    return named, delta
+    return name_written([results[d] for d, _ in items], tmpdir, repo_root, fsync, verity)
+
+
+#: The store's per-digest locks, by lock file (one store per fetch, usually).
+_locks: dict[str, KeyLocks] = {}
+
+
+def _key_locks(path: str) -> KeyLocks:
+    kl = _locks.get(path)
+    if kl is None:
+        kl = _locks[path] = KeyLocks(Path(path))
+    return kl
+
+
+def _present(repo_root: str, digest: bytes) -> bool:
+    """Whether the store has the object (as :meth:`csi.repo.Repository.has_object`)."""
+    try:
+        st = os.stat(f"{repo_root}/{object_relpath(digest)}")
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+            return False
+        raise
+    return stat.S_ISREG(st.st_mode)
 
 
 _Again = tuple[bytes, int | None, SourceError | None, int]

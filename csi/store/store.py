@@ -373,16 +373,28 @@ class Store:
                     + (f"; GC errors: {'; '.join(gc_done.errors)}" if gc_done.errors else "")
                 ) from e
 
-    @contextlib.contextmanager
-    def claim(self, digests: Iterable[bytes]) -> Iterator[set[bytes]]:
-        """Claim the writing of ``digests`` for someone who will write, name and then
-        :meth:`record_named` them (our fetch worker processes: :mod:`csi.fetch.naming`).
+    @property
+    def key_locks_path(self) -> Path:
+        """The file of the store's per-digest locks across processes
+        (:class:`csi.repo.tmpfiles.KeyLocks`), for a writer in another process of ours."""
+        return self.repo.tmp.key_locks.path
 
-        Yields the claimed subset: objects not present, and not being written by another
-        thread (single-flight) or process (per-digest locks) of this store. The rest are
-        left to :meth:`ensure`, which waits for whoever writes them. On exit the claims end:
-        threads waiting for one of them look again (and write it themselves if it is still
-        missing).
+    @contextlib.contextmanager
+    def claim_in_process(self, digests: Iterable[bytes]) -> Iterator[set[bytes]]:
+        """Claim, among this process's threads, the writing of ``digests`` for someone who
+        will write, name and then :meth:`record_named` them: our fetch worker processes
+        (:mod:`csi.fetch.worker`), which take each object's lock across processes
+        (:attr:`key_locks_path`) and look whether it is present before they write it, and
+        hold the lock until it is named.
+
+        Yields the claimed subset: those no other thread of this process is writing (single
+        flight); the rest are left to :meth:`ensure`, which waits for whoever writes them. On
+        exit the claims end: threads waiting for one of them look again (and write it
+        themselves if it is still missing).
+
+        (The locks across processes were taken here, in the parent, until 2026-12-07: a
+        lock and a ``stat`` per object, each a system call through the parent's GIL, were a
+        serial cost of a big fetch; docs/benchmarks.md.)
         """
         wanted = list(digests)
         for d in wanted:
@@ -397,15 +409,9 @@ class Store:
                 if d not in flights:
                     flights[d] = flight
                     mine.append(d)
-        fds: list[int] = []
         try:
-            fds, locked = self.repo.tmp.key_locks.try_hold_many(mine)
-            # Present objects are left out here, once locked (the caller usually asks for
-            # objects it has just found missing, so looking before would mostly look twice).
-            held = {d for d in locked if not self.repo.has_object(d)}
-            yield held
+            yield set(mine)
         finally:
-            self.repo.tmp.key_locks.release_many(fds)
             with self._flights_mu:
                 for d in mine:
                     del self._flights[d]
@@ -413,22 +419,18 @@ class Store:
 
     def record_named(self, rows: Sequence[tuple[bytes, int, bool]]) -> None:
         """Record objects our worker processes named in ``objects/`` themselves, made durable
-        first, under the caller's :meth:`claim`: (digest, size, fs-verity enabled). If the
-        rows cannot be written, the files are removed again (state and disk stay in step) and
-        the error raised. (A process killed in between leaves named objects without rows:
-        durable, and recorded by the next recovery.)"""
+        first, under the caller's :meth:`claim_in_process`: (digest, size, fs-verity
+        enabled). If the rows cannot be written, the error is raised and the files stay,
+        as when a process is killed between naming and recording: whole and durable, they
+        are recorded by the next recovery. (Their locks across processes ended once they
+        were named: another process may have found them present since, so removing them
+        could take an object from under its image.)"""
         if not rows:
             return
         for d, _, _ in rows:
             layout.check_digest(d)
-        try:
-            with self._lock(exclusive=False), self.db.tx() as cur:
-                self.db.record_objects(cur, [(d, size, "object", v) for d, size, v in rows])
-        except BaseException:
-            for d, _, _ in rows:
-                with contextlib.suppress(OSError):
-                    os.unlink(self.repo.object_file(d))
-            raise
+        with self._lock(exclusive=False), self.db.tx() as cur:
+            self.db.record_objects(cur, [(d, size, "object", v) for d, size, v in rows])
         m.OBJECTS_ADDED.inc(len(rows))
         m.BYTES_ADDED.inc(sum(size for _, size, _ in rows))
         with_verity = sum(1 for _, _, v in rows if v)
