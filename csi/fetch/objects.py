@@ -389,15 +389,18 @@ class ObjectFetcher:
 
 def _record_failed(repository: str, e: Exception) -> FetchError:
     """The error of objects fetched and named whose rows could not be written."""
-    what = (
-        f"recording fetched objects in the store's state failed ({e}); they are in place and "
-        "are recorded when the store is next opened"
-    )
+    kept = "they are in place and are recorded when the store is next opened"
     if is_no_space(e):
         return NoSpace(
-            f"{what}: free space on the store's disk, then fetch again", repository=repository
+            f"no space left in the store to record fetched objects ({e}); {kept}: free space "
+            "on the store's disk (`composefs-csi gc`), then fetch again",
+            repository=repository,
         )
-    return FetchError(f"{what}: check the store (`composefs-csi fsck`)", repository=repository)
+    return FetchError(
+        f"recording fetched objects in the store's state failed ({e}); {kept}: check the "
+        "store (`composefs-csi fsck`)",
+        repository=repository,
+    )
 
 
 class _Slot:
