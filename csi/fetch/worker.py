@@ -20,18 +20,17 @@ parent, is :mod:`csi.fetch.bulk`.
 
 from __future__ import annotations
 
-import errno
 import functools
 import logging
 import os
 import select
-import stat
 import threading
 from pathlib import Path
 
 from prometheus_client import Counter
 
 from csi.image.fsverity import register_idle_thread
+from csi.repo.repository import object_file_exists
 from csi.repo.tmpfiles import KeyLocks, pid_alive
 from csi.store import DigestMismatch, StoreFull
 
@@ -227,13 +226,7 @@ def _key_locks(path: str) -> KeyLocks:
 
 def _present(repo_root: str, digest: bytes) -> bool:
     """Whether the store has the object (as :meth:`csi.repo.Repository.has_object`)."""
-    try:
-        st = os.stat(f"{repo_root}/{object_relpath(digest)}")
-    except OSError as e:
-        if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
-            return False
-        raise
-    return stat.S_ISREG(st.st_mode)
+    return object_file_exists(f"{repo_root}/{object_relpath(digest)}")
 
 
 _Again = tuple[bytes, int | None, SourceError | None, int]

@@ -109,6 +109,19 @@ def _write_all(fd: int, data: memoryview | bytes) -> None:
         mv = mv[n:]
 
 
+def object_file_exists(path: str) -> bool:
+    """Whether ``path`` is an object file: a regular file, or a symlink to one (as
+    ``Path.is_file()``); other errors than its absence are raised. For a process that has
+    the path but no :class:`Repository` (a fetch worker)."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+            return False
+        raise
+    return stat.S_ISREG(st.st_mode)
+
+
 class Repository:
     """A repository rooted at ``root`` (see :mod:`csi.repo.layout`)."""
 
@@ -224,13 +237,7 @@ class Repository:
 
     def has_object(self, digest: bytes) -> bool:
         # A plain string path: this is asked for every object of every image fetched.
-        try:
-            st = os.stat(self.object_file(digest))
-        except OSError as e:
-            if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
-                return False  # as Path.is_file()
-            raise
-        return stat.S_ISREG(st.st_mode)
+        return object_file_exists(self.object_file(digest))
 
     def has_image(self, digest: bytes) -> bool:
         return self.image_path(digest).is_file()  # follows the link: dangling -> False
